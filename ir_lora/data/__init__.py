@@ -1,0 +1,28 @@
+"""Datasets (TFDS array_record, no TensorFlow) and grain input pipelines."""
+
+from ir_lora.data.builders import (
+    DATASETS,
+    CleanConfig,
+    IrCleanImages,
+    IrPairedImages,
+    PairedConfig,
+    load,
+    prepare,
+)
+from ir_lora.data.images import ImageError, load_rgb
+from ir_lora.data.samples import SAMPLE_PHOTOS, sample_photos, write_sample_folder
+
+__all__ = [
+    "DATASETS",
+    "CleanConfig",
+    "ImageError",
+    "IrCleanImages",
+    "IrPairedImages",
+    "PairedConfig",
+    "SAMPLE_PHOTOS",
+    "load",
+    "load_rgb",
+    "prepare",
+    "sample_photos",
+    "write_sample_folder",
+]
