@@ -8,7 +8,9 @@ import sys
 import zlib
 from pathlib import Path
 
+import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -192,15 +194,26 @@ def test_bad_pairs_fail_at_prepare_time_naming_the_file(tmp_path, fault):
 
 def test_custom_paired_config(tmp_path):
     root = tmp_path / "rain"
-    _save(f"{root}/rainy/rain-001.png", _rand((8, 8, 3)))
-    _save(f"{root}/clean/norain-001.png", _rand((8, 8, 3)))
+    rainy, clean = _rand((8, 9, 3), seed=1), _rand((8, 9, 3), seed=2)
+    _save(f"{root}/rainy/rain-001.png", rainy)
+    _save(f"{root}/clean/norain-001.png", clean)
     config = data.PairedConfig(
         name="rain100h_original",
         splits={"test": ("rainy", "clean")},
         gt_stem_pattern=r"rain-(\d+)",
+        gt_name_template="norain-{}",
+    )
+    src = data.prepare(config, source_dir=str(root), data_dir=str(tmp_path / "t"), split="test")
+    np.testing.assert_array_equal(src[0]["lq"], rainy)
+    np.testing.assert_array_equal(src[0]["gt"], clean)
+    assert src[0]["name"] == b"rain-001"
+    without_template = data.PairedConfig(
+        name="no_template", splits={"test": ("rainy", "clean")}, gt_stem_pattern=r"rain-(\d+)"
     )
     with pytest.raises(images.ImageError, match="no clean partner named '001'"):
-        data.prepare(config, source_dir=str(root), data_dir=str(tmp_path / "t"), split="test")
+        data.prepare(
+            without_template, source_dir=str(root), data_dir=str(tmp_path / "t"), split="test"
+        )
 
 
 # ----------------------------------------------------------------------------------- pipelines
@@ -317,3 +330,18 @@ def test_eval_dataset_full_images_with_names_and_fixed_noise(tmp_path):
     np.testing.assert_array_equal(first[1]["lq"], again[1]["lq"])
     assert not np.array_equal(first[0]["lq"] - first[0]["gt"], first[1]["lq"] - first[1]["gt"])
     assert set(next(iter(pipeline.eval_dataset(clean)))) == {"gt", "name"}
+
+
+def test_iterator_state_round_trips_through_orbax(tmp_path):
+    src = _numbered(5, size=8)
+    ds = pipeline.train_dataset(src, gt_size=4, global_batch_size=2, seed=1)
+    it = iter(ds)
+    _take(it, 2)
+    manager = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+    manager.save(2, args=ocp.args.Composite(iter=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    expected = [_ids(b) for b in _take(it, 3)]
+    resumed = iter(ds)
+    manager.restore(2, args=ocp.args.Composite(iter=grain.checkpoint.CheckpointRestore(resumed)))
+    assert [_ids(b) for b in _take(resumed, 3)] == expected
+    manager.close()

@@ -37,12 +37,14 @@ class PairedConfig(tfds.core.BuilderConfig):
 
     Attributes:
       splits: split name -> (degraded sub-folder, clean sub-folder).
-      gt_stem_pattern: regex matching a whole degraded file name (no extension); group 1 is the
-        clean file's name.
+      gt_stem_pattern: regex matching a whole degraded file name (no extension); group 1 is
+        put into `gt_name_template` to give the clean file's name (no extension).
+      gt_name_template: `str.format` template of the clean name, "{}" by default.
     """
 
     splits: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     gt_stem_pattern: str = r"(.+)"
+    gt_name_template: str = "{}"
 
 
 def _standard(split_names, lq="input", gt="target"):
@@ -175,7 +177,10 @@ class IrPairedImages(_Builder):
     def _generate_examples(self, root, split, folders):
         lq_dir, gt_dir = (os.path.join(root, d) for d in folders)
         pairs = images.match_pairs(
-            lq_dir, gt_dir, gt_stem_pattern=self.builder_config.gt_stem_pattern
+            lq_dir,
+            gt_dir,
+            gt_stem_pattern=self.builder_config.gt_stem_pattern,
+            gt_name_template=self.builder_config.gt_name_template,
         )
         for lq_rel, gt_rel in pairs:
             lq_path, gt_path = os.path.join(lq_dir, lq_rel), os.path.join(gt_dir, gt_rel)

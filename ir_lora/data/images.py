@@ -111,13 +111,14 @@ def stem(path: str) -> str:
 
 
 def match_pairs(
-    lq_dir: str, gt_dir: str, *, gt_stem_pattern: str = r"(.+)"
+    lq_dir: str, gt_dir: str, *, gt_stem_pattern: str = r"(.+)", gt_name_template: str = "{}"
 ) -> list[tuple[str, str]]:
     """Pairs every degraded image in `lq_dir` with its clean partner in `gt_dir`.
 
     Files are matched by relative path without extension, so `0001.jpg` pairs with `0001.png`.
-    `gt_stem_pattern` is a regex that must match the whole degraded stem; its first group is the
-    clean stem. Several degraded images may share one clean image (RESIDE SOTS: `0001_0.8_0.2`
+    `gt_stem_pattern` is a regex that must match the whole degraded stem; its first group, put
+    into `gt_name_template`, is the clean stem (Rain100H's original names: `rain-(\\d+)` and
+    `norain-{}`). Several degraded images may share one clean image (RESIDE SOTS: `0001_0.8_0.2`
     -> `0001` with `r"(\\d+)_.*"`). Every clean image must be used by at least one pair.
 
     Returns:
@@ -145,7 +146,7 @@ def match_pairs(
                 f"Degraded image {os.path.join(lq_dir, q)!r}: name does not match the pattern "
                 f"{gt_stem_pattern!r} that gives its clean partner's name."
             )
-        key = os.path.join(directory, m.group(1))
+        key = os.path.join(directory, gt_name_template.format(m.group(1)))
         if key not in gt_by_stem:
             raise ImageError(
                 f"Degraded image {os.path.join(lq_dir, q)!r} has no clean partner named "
