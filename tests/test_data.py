@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import runpy
 import struct
 import sys
 import zlib
@@ -345,3 +346,18 @@ def test_iterator_state_round_trips_through_orbax(tmp_path):
     manager.restore(2, args=ocp.args.Composite(iter=grain.checkpoint.CheckpointRestore(resumed)))
     assert [_ids(b) for b in _take(resumed, 3)] == expected
     manager.close()
+
+
+def test_sidd_validation_blocks_become_a_prepared_val_split(tmp_path):
+    from scipy.io import savemat
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "data" / "prepare_sidd_val.py"))
+    noisy, gt = _rand((2, 3, 16, 16, 3), seed=1), _rand((2, 3, 16, 16, 3), seed=2)
+    savemat(tmp_path / "noisy.mat", {"ValidationNoisyBlocksSrgb": noisy})
+    savemat(tmp_path / "gt.mat", {"ValidationGtBlocksSrgb": gt})
+    root = tmp_path / "SIDD"
+    assert script["write_pairs"](str(tmp_path / "noisy.mat"), str(tmp_path / "gt.mat"), root) == 6
+    src = data.prepare("sidd", source_dir=str(root), data_dir=str(tmp_path / "t"), split="val")
+    example = next(x for x in (src[i] for i in range(len(src))) if x["name"] == b"01_02")
+    np.testing.assert_array_equal(example["lq"], noisy[1, 2])
+    np.testing.assert_array_equal(example["gt"], gt[1, 2])

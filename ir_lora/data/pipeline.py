@@ -114,8 +114,9 @@ def train_dataset(
       num_epochs: passes over the data; None repeats forever.
       process_index: this process (default `jax.process_index()`).
       process_count: number of processes (default `jax.process_count()`).
-      worker_count: grain worker processes; 0 decodes in the calling thread. More than 0 needs
-        absl flags parsed (`absl.app.run`).
+      worker_count: grain worker processes that decode and augment; 0 works in the calling
+        thread. The batches are the same either way. More than 0 needs absl flags parsed
+        (`absl.app.run`); close such an iterator with `it.close()`.
 
     Returns:
       A `grain.IterDataset`; `iter(...)` gives a checkpointable `grain.DatasetIterator` of
