@@ -13,6 +13,7 @@ dataset's `info.metadata` records the source folder and, per split, the smallest
 the input pipeline can refuse a too large `gt_size` before training starts.
 """
 
+import abc
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -124,8 +125,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(),
         )
 
+    @abc.abstractmethod
     def _folders(self) -> dict[str, tuple[str, ...]]:
-        raise NotImplementedError
+        """Split name -> the folders (relative to the source folder) the split is read from."""
 
     def _split_generators(self, dl_manager):
         root = os.path.abspath(os.fspath(dl_manager.manual_dir))
