@@ -133,6 +133,22 @@ def _restore_tiled(
     return (total / weight_sum).astype(np.float32)[None]
 
 
+def check_settings(
+    *, tile: int | None, tile_overlap: int, pad_multiple: int, tile_batch_size: int, tile_blend: str
+) -> None:
+    """Raises ValueError for settings `restore_image` cannot use."""
+    if pad_multiple < 1:
+        raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}.")
+    if tile is not None and (tile < 1 or tile % pad_multiple):
+        raise ValueError(f"tile={tile} must be a positive multiple of pad_multiple={pad_multiple}.")
+    if tile is not None and not 0 <= tile_overlap < tile:
+        raise ValueError(f"tile_overlap must be in 0..{tile - 1}, got {tile_overlap}.")
+    if tile_blend not in TILE_BLENDS:
+        raise ValueError(f"tile_blend must be one of {TILE_BLENDS}, got {tile_blend!r}.")
+    if tile_batch_size < 1:
+        raise ValueError(f"tile_batch_size must be >= 1, got {tile_batch_size}.")
+
+
 def restore_image(
     restore_fn: RestoreFn,
     lq: np.ndarray,
@@ -172,12 +188,13 @@ def restore_image(
         raise ValueError(
             f"restore_image expects an (H, W, C) or (1, H, W, C) image, got {lq.shape}."
         )
-    if tile is not None and (tile < 1 or tile % pad_multiple):
-        raise ValueError(f"tile={tile} must be a positive multiple of pad_multiple={pad_multiple}.")
-    if tile_blend not in TILE_BLENDS:
-        raise ValueError(f"tile_blend must be one of {TILE_BLENDS}, got {tile_blend!r}.")
-    if tile_batch_size < 1:
-        raise ValueError(f"tile_batch_size must be >= 1, got {tile_batch_size}.")
+    check_settings(
+        tile=tile,
+        tile_overlap=tile_overlap,
+        pad_multiple=pad_multiple,
+        tile_batch_size=tile_batch_size,
+        tile_blend=tile_blend,
+    )
     h, w = lq.shape[1:3]
     padded = pad_to_multiple(lq, pad_multiple)
     if tile is None or max(padded.shape[1:3]) <= tile:
