@@ -202,6 +202,22 @@ def write_results(results: Mapping, out_dir: str) -> None:
     _atomic_write(os.path.join(out_dir, "results.csv"), _csv_text(results))
 
 
+def _restore_and_score(restore, example, *, crop_border: int, test_y_channel: bool):
+    """The restored image, and its row of the results."""
+    lq, gt = example["lq"][0], example["gt"][0]
+    restored = restore(lq)
+    opts = {"crop_border": crop_border, "test_y_channel": test_y_channel}
+    return restored, {
+        "name": example["name"],
+        "height": int(gt.shape[0]),
+        "width": int(gt.shape[1]),
+        "psnr": metrics.psnr(restored, gt, **opts),
+        "ssim": metrics.ssim(restored, gt, **opts),
+        "input_psnr": metrics.psnr(lq, gt, **opts),
+        "input_ssim": metrics.ssim(lq, gt, **opts),
+    }
+
+
 def _evaluate_dataset(
     restore, name, examples, *, crop_border, test_y_channel, out_dir, save_images, save_comparisons
 ) -> dict:
@@ -209,18 +225,12 @@ def _evaluate_dataset(
     start = time.perf_counter()
     for example in examples:
         _check_example(name, example)
-        lq, gt = example["lq"][0], example["gt"][0]
-        restored = restore(lq)
-        opts = {"crop_border": crop_border, "test_y_channel": test_y_channel}
-        row = {
-            "name": example["name"],
-            "height": int(gt.shape[0]),
-            "width": int(gt.shape[1]),
-            "psnr": metrics.psnr(restored, gt, **opts),
-            "ssim": metrics.ssim(restored, gt, **opts),
-            "input_psnr": metrics.psnr(lq, gt, **opts),
-            "input_ssim": metrics.ssim(lq, gt, **opts),
-        }
+        try:
+            restored, row = _restore_and_score(
+                restore, example, crop_border=crop_border, test_y_channel=test_y_channel
+            )
+        except ValueError as e:
+            raise ValueError(f"Dataset {name!r}, image {example['name']!r}: {e}") from e
         rows.append(row)
         if save_images:
             _save_png(_image_path(out_dir, name, row["name"]), metrics.to_uint8(restored))
@@ -230,6 +240,7 @@ def _evaluate_dataset(
                 f"restored {_fmt(row['psnr'], 2)} dB",
                 "target",
             )
+            lq, gt = example["lq"][0], example["gt"][0]
             grid = comparison_grid(lq, restored, gt, labels=labels)
             _save_png(_image_path(out_dir, COMPARISONS_DIR, name, row["name"]), grid)
     return {

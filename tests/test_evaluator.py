@@ -255,7 +255,7 @@ def test_prepared_paired_dataset_writes_tables_images_and_comparisons(tmp_path):
 def test_interrupted_run_leaves_only_finished_datasets(tmp_path):
     out = str(tmp_path / "eval")
     bad = _source([(24, 24), (8, 8)])  # SSIM needs 11x11: the second image fails
-    with pytest.raises(ValueError, match="ssim"):
+    with pytest.raises(ValueError, match="Dataset 'bad', image 'img1': ssim"):
         evaluator.evaluate(lambda x: x, {"good": _source([(16, 16)]), "bad": bad}, out_dir=out)
     with open(os.path.join(out, "results.json")) as f:
         partial = json.load(f)
