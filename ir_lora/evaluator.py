@@ -4,10 +4,10 @@
 from ir_lora import evaluator
 from ir_lora.data import pipeline
 
-restore_fn = lambda x: model.apply({"params": params}, x)  # (N, H, W, 3) -> (N, H, W, 3)
 results = evaluator.evaluate(
-    restore_fn,
+    model.apply,  # called as model.apply(variables, x): (N, H, W, 3) -> (N, H, W, 3)
     {"sidd": sidd_val, "cbsd68_25": pipeline.eval_dataset(cbsd68, noise_sigma=25)},
+    params={"params": params},
     out_dir="runs/x/eval",
     save_comparisons=True,
 )
@@ -27,6 +27,7 @@ in the JSON), so an interrupted run never leaves a table whose means look final.
 """
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -255,6 +256,7 @@ def evaluate(
     restore_fn: Callable,
     datasets: Mapping[str, object],
     *,
+    params=None,
     crop_border: int = 0,
     test_y_channel: bool = False,
     tile: int | None = None,
@@ -270,7 +272,11 @@ def evaluate(
 
     Args:
       restore_fn: pure function from an `(N, H, W, C)` float32 batch in [0, 1] to the restored
-        batch of the same shape; it is jitted here (each padded shape compiles once).
+        batch of the same shape, called as `restore_fn(x)`, or as `restore_fn(params, x)` when
+        `params` is given. It is jitted here (each padded shape compiles once).
+      params: a pytree (e.g. `{"params": p}` for `model.apply`) passed to `restore_fn` as a jit
+        argument. Prefer it to closing over the weights: a closure bakes them into every
+        compiled program as constants (slow to compile and large for a 26M-weight Restormer).
       datasets: name -> a data source of raw examples (`data.prepare(...)`/`data.load(...)`, or
         any sequence of dicts with uint8 `"lq"`, `"gt"` and a `"name"`), or the
         `pipeline.eval_dataset(...)` of one (needed for clean sets with `noise_sigma`).
@@ -318,6 +324,8 @@ def evaluate(
         "pad_multiple": pad_multiple,
     }
     jitted = jax.jit(restore_fn)
+    if params is not None:
+        jitted = functools.partial(jitted, jax.device_put(params))
 
     def restore(lq):
         return inference.restore_image(

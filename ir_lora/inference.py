@@ -32,8 +32,10 @@ and `test_*.py`, SwinIR's `main_test_swinir.py::test`):
   The weighted sum and the division run in float64 on the host, so for a pointwise restore
   function either blend equals untiled inference bit for bit.
 
-`restore_fn` is called as given: pass a jitted function (`jax.jit(fn)`) so that each distinct
-input shape compiles once; `ir_lora.evaluator.evaluate` does that itself.
+`restore_fn` is called as given: pass a jitted function so that each distinct input shape
+compiles once, with the weights as an argument rather than closed over (a closure bakes them into
+every program as constants): `functools.partial(jax.jit(model.apply), variables)`.
+`ir_lora.evaluator.evaluate` does that itself.
 """
 
 from collections.abc import Callable

@@ -279,3 +279,19 @@ def test_clean_dataset_needs_noise_and_noisy_eval_dataset_works():
     assert 19 < row["input_psnr"] < 23  # sigma 25 noise, clipped by the uint8 quantisation
     with pytest.raises(ValueError, match="out_dir"):
         evaluator.evaluate(lambda x: x, {"clean": noisy}, save_images=True)
+
+
+def test_params_are_jit_arguments_not_constants():
+    seen = []
+
+    def restore_fn(params, x):
+        seen.append(isinstance(params["scale"], jax.core.Tracer))
+        return x * params["scale"]
+
+    src = _source([(20, 24)])
+    results = evaluator.evaluate(restore_fn, {"toy": src}, params={"scale": jnp.float32(0.9)})
+    closure = evaluator.evaluate(lambda x: x * jnp.float32(0.9), {"toy": src})
+    assert seen == [True]
+    assert results["datasets"] == {
+        "toy": {**closure["datasets"]["toy"], "seconds": results["datasets"]["toy"]["seconds"]}
+    }
