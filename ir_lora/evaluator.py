@@ -127,8 +127,8 @@ def format_table(results: Mapping) -> str:
       results: what `evaluate` returns (or `results.json` read back).
 
     Returns:
-      The table, followed by the mean over datasets when more than one finished, and a line
-      naming the pending datasets when the evaluation is incomplete.
+      The table, with a last row of the mean over datasets when there are several, or, when
+      the evaluation is incomplete, a line naming the pending datasets instead.
     """
     lines = [
         "| dataset | images | PSNR | SSIM | input PSNR | input SSIM |",
@@ -140,12 +140,14 @@ def format_table(results: Mapping) -> str:
         means.append(mean)
         cells = [_fmt(mean[k], 2 if "psnr" in k else 4) for k in METRICS]
         lines.append(f"| {name} | {entry['num_images']} | " + " | ".join(cells) + " |")
-    if len(means) > 1:
+    complete = results.get("complete", True)
+    # A mean over datasets is only a claim about the whole evaluation once it is complete.
+    if len(means) > 1 and complete:
         cells = [
             _fmt(float(np.mean([m[k] for m in means])), 2 if "psnr" in k else 4) for k in METRICS
         ]
         lines.append(f"| mean of {len(means)} datasets | | " + " | ".join(cells) + " |")
-    if not results.get("complete", True):
+    if not complete:
         pending = ", ".join(results.get("pending", []))
         lines.append("")
         lines.append(
@@ -173,6 +175,8 @@ def _atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -255,12 +255,13 @@ def test_prepared_paired_dataset_writes_tables_images_and_comparisons(tmp_path):
 def test_interrupted_run_leaves_only_finished_datasets(tmp_path):
     out = str(tmp_path / "eval")
     bad = _source([(24, 24), (8, 8)])  # SSIM needs 11x11: the second image fails
+    datasets = {"good": _source([(16, 16)]), "good2": _source([(16, 16)], seed=3), "bad": bad}
     with pytest.raises(ValueError, match="Dataset 'bad', image 'img1': ssim"):
-        evaluator.evaluate(lambda x: x, {"good": _source([(16, 16)]), "bad": bad}, out_dir=out)
+        evaluator.evaluate(lambda x: x, datasets, out_dir=out)
     with open(os.path.join(out, "results.json")) as f:
         partial = json.load(f)
     assert not partial["complete"] and partial["pending"] == ["bad"]
-    assert list(partial["datasets"]) == ["good"]
+    assert list(partial["datasets"]) == ["good", "good2"]
     markdown = (tmp_path / "eval" / "results.md").read_text()
     assert "**Incomplete**" in markdown and "pending: bad" in markdown
     assert "| bad " not in markdown and "mean of" not in markdown
