@@ -15,9 +15,11 @@ and `test_*.py`, SwinIR's `main_test_swinir.py::test`):
   shapes, and thus compiled programs, a dataset of varied sizes needs: at most
   `ceil(max_h / m) * ceil(max_w / m)`, usually far fewer.
 * **Tiling.** When the padded image is larger than `tile` along either side, it is cut into
-  `tile x tile` windows (a side shorter than `tile` is covered by one window of its full length)
-  that overlap by at least `tile_overlap`, at the origins `range(0, H - tile, tile - overlap)` plus
-  a last window flush with the far edge, as in SwinIR/Restormer. The windows are restored in
+  `tile x tile` windows that overlap by at least `tile_overlap`, at the origins
+  `range(0, H - tile, tile - overlap)` plus a last window flush with the far edge, as in
+  SwinIR/Restormer. A side shorter than `tile` is covered by one window of its full length
+  (SwinIR shrinks both sides to `min(tile, H, W)` instead; the two agree whenever both sides of
+  the image are at least `tile`). The windows are restored in
   batches of `tile_batch_size` through one compiled program (the last batch is filled up with
   copies of its final window so it has the same shape), and the overlapping outputs are blended:
   - `tile_blend="average"` (default): every window's output counts with weight 1, the uniform
