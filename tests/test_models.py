@@ -91,11 +91,13 @@ def test_nafnet_matches_pytorch():
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("layer_norm_type", ["WithBias", "BiasFree"])
-def test_restormer_matches_pytorch(layer_norm_type):
+@pytest.mark.parametrize(
+    "layer_norm_type,pad_mode", [("WithBias", "constant"), ("BiasFree", "reflect")]
+)
+def test_restormer_matches_pytorch(layer_norm_type, pad_mode):
     torch = pytest.importorskip("torch")
     # Two heads so the per-head split and temperatures are exercised; the original needs H, W
-    # divisible by 8, so the torch side gets the same zero padding the flax model applies.
+    # divisible by 8, so the torch side gets the same padding the flax model applies.
     overrides = dict(
         layer_norm_type=layer_norm_type,
         heads=(2, 2, 2, 2),
@@ -106,11 +108,12 @@ def test_restormer_matches_pytorch(layer_norm_type):
     images = np.random.default_rng(1).random((1, 13, 19, 3), dtype=np.float32)
     with torch.no_grad():
         padded = torch.nn.functional.pad(
-            torch.from_numpy(images.transpose(0, 3, 1, 2)), (0, 5, 0, 3)
+            torch.from_numpy(images.transpose(0, 3, 1, 2)), (0, 5, 0, 3), mode=pad_mode
         )
         expected = net(padded)[:, :, :13, :19].numpy().transpose(0, 2, 3, 1)
     params = models.from_torch("restormer-tiny", net.state_dict(), **overrides)
-    got = jax.jit(models.build("restormer-tiny", **overrides).apply)({"params": params}, images)
+    model = models.build("restormer-tiny", pad_mode=pad_mode, **overrides)
+    got = jax.jit(model.apply)({"params": params}, images)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 

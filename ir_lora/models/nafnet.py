@@ -38,16 +38,17 @@ def simple_gate(x: jnp.ndarray) -> jnp.ndarray:
     return x1 * x2
 
 
-def pad_to_multiple(x: jnp.ndarray, multiple: int) -> jnp.ndarray:
-    """Zero-pads `(N, H, W, C)` at the bottom and right so H and W are multiples of `multiple`.
+def pad_to_multiple(x: jnp.ndarray, multiple: int, mode: str = "constant") -> jnp.ndarray:
+    """Pads `(N, H, W, C)` at the bottom and right so H and W are multiples of `multiple`.
 
-    Matches NAFNet's `check_image_size` (`F.pad(x, (0, pad_w, 0, pad_h))`).
+    The default zero padding matches NAFNet's `check_image_size` (`F.pad(x, (0, pad_w, 0, pad_h))`);
+    `mode` is any `jnp.pad` mode ("reflect" is PyTorch's `F.pad(..., "reflect")`).
     """
     pad_h = -x.shape[1] % multiple
     pad_w = -x.shape[2] % multiple
     if pad_h == 0 and pad_w == 0:
         return x
-    return jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    return jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode=mode)
 
 
 def check_image(x: jnp.ndarray, channels: int, model: str) -> None:

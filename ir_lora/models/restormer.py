@@ -22,9 +22,10 @@ and inside each TransformerBlock: `norm1, attn (temperature, qkv, qkv_dwconv, pr
 ffn (project_in, dwconv, project_out)`; `ffn` is called on `norm2`'s output.
 
 Differences from the PyTorch code: the official network needs H and W divisible by 8 (three 2x
-downsamplings); here any size works: the input is zero-padded at the bottom and right to a multiple
-of 8 and the output cropped back, as NAFNet does (the official test scripts pad themselves, some
-with reflection, before calling the network). The dual-pixel defocus variant (`dual_pixel_task`)
+downsamplings); here any size works: the input is padded at the bottom and right to a multiple of
+8 and the output cropped back. The padding is zeros by default, as NAFNet does; the official
+Restormer test scripts and demo.py pad by reflection before calling the network, which
+`pad_mode="reflect"` reproduces. The dual-pixel defocus variant (`dual_pixel_task`)
 is not provided, and flax's default initialisers are used.
 """
 
@@ -224,6 +225,8 @@ class Restormer(nn.Module):
       ffn_expansion_factor: GDFN hidden width factor.
       use_bias: whether the convolutions have biases.
       layer_norm_type: "WithBias" or "BiasFree" (the real-denoising release).
+      pad_mode: `jnp.pad` mode that brings H and W to multiples of 8: "constant" (zeros) or
+        "reflect" (as the official test scripts).
     """
 
     inp_channels: int = 3
@@ -235,6 +238,7 @@ class Restormer(nn.Module):
     ffn_expansion_factor: float = 2.66
     use_bias: bool = False
     layer_norm_type: str = "WithBias"
+    pad_mode: str = "constant"
 
     def setup(self):
         if self.out_channels != self.inp_channels:
@@ -288,7 +292,7 @@ class Restormer(nn.Module):
         """Restores `(N, H, W, inp_channels)` images of any size; returns the same shape."""
         check_image(images, self.inp_channels, "Restormer")
         height, width = images.shape[1:3]
-        inputs = pad_to_multiple(images, 8)
+        inputs = pad_to_multiple(images, 8, self.pad_mode)
         enc1 = self.encoder_level1(self.patch_embed(inputs))
         enc2 = self.encoder_level2(self.down1_2(enc1))
         enc3 = self.encoder_level3(self.down2_3(enc2))
