@@ -1,0 +1,307 @@
+"""Restormer (Zamir et al., CVPR 2022) in flax.linen, NHWC.
+
+A transcription of the official PyTorch `restormer_arch.py` (swz30/Restormer): multi-Dconv
+head transposed attention (MDTA, attention over channels with a learned per-head temperature), the
+gated Dconv feed-forward network (GDFN), pixel-(un)shuffle resampling and a global residual.
+Parameters are the official ones (see `ir_lora.models.torch_io` for the key mapping). Images are
+`(N, H, W, C)` float arrays in [0, 1]; the output has the input's shape.
+
+Module tree (what adapters target by path):
+
+    patch_embed                           Conv 3x3, inp_channels -> dim
+    encoder_level{1,2,3}/blocks_{j}       TransformerStage, widths dim, 2dim, 4dim
+    down1_2, down2_3, down3_4             Downsample (submodule `conv`)
+    latent/blocks_{j}                     TransformerStage, width 8dim
+    up4_3, up3_2, up2_1                   Upsample (submodule `conv`)
+    reduce_chan_level{3,2}                Conv 1x1 after the skip concatenation
+    decoder_level{3,2,1}/blocks_{j}       TransformerStage, widths 4dim, 2dim, 2dim
+    refinement/blocks_{j}                 TransformerStage, width 2dim
+    output                                Conv 3x3, 2dim -> out_channels
+
+and inside each TransformerBlock: `norm1, attn (temperature, qkv, qkv_dwconv, project_out), norm2,
+ffn (project_in, dwconv, project_out)`; `ffn` is called on `norm2`'s output.
+
+Differences from the PyTorch code: the official network needs H and W divisible by 8 (three 2x
+downsamplings); here any size works: the input is padded at the bottom and right to a multiple of
+8 and the output cropped back. The padding is zeros by default, as NAFNet does; the official
+Restormer test scripts and demo.py pad by reflection before calling the network, which
+`pad_mode="reflect"` reproduces. The dual-pixel defocus variant (`dual_pixel_task`)
+is not provided, and flax's default initialisers are used.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ir_lora.models.layers import Conv, pixel_shuffle, pixel_unshuffle
+from ir_lora.models.nafnet import check_image, pad_to_multiple
+
+LAYER_NORM_TYPES = ("WithBias", "BiasFree")
+
+
+class BiasFreeLayerNorm(nn.Module):
+    """Restormer's `BiasFree_LayerNorm`: `x / sqrt(var(x) + eps) * scale`; the mean is kept.
+
+    The variance itself is the ordinary (biased, mean-centred) one over the channels.
+    """
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        variance = jnp.var(x, axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(variance + self.epsilon) * scale
+
+
+def layer_norm(layer_norm_type: str) -> nn.Module:
+    """Restormer's per-pixel channel LayerNorm (eps 1e-5) of the given type."""
+    if layer_norm_type == "WithBias":
+        return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False)
+    if layer_norm_type == "BiasFree":
+        return BiasFreeLayerNorm()
+    raise ValueError(f"layer_norm_type must be one of {LAYER_NORM_TYPES}, got {layer_norm_type!r}")
+
+
+def _l2_normalize(x: jnp.ndarray, axis: int) -> jnp.ndarray:
+    # torch.nn.functional.normalize: x / max(||x||, 1e-12).
+    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, 1e-12)
+
+
+class Attention(nn.Module):
+    """MDTA: attention across channels, per head, with a learned temperature.
+
+    Attributes:
+      features: channels in and out.
+      num_heads: attention heads; `features` must be divisible by it.
+      use_bias: whether the convolutions have biases.
+    """
+
+    features: int
+    num_heads: int
+    use_bias: bool = False
+
+    def setup(self):
+        if self.features % self.num_heads:
+            raise ValueError(
+                f"Attention: features={self.features} not divisible by num_heads={self.num_heads}"
+            )
+        qkv_channels = 3 * self.features
+        self.temperature = self.param("temperature", nn.initializers.ones, (self.num_heads,))
+        self.qkv = Conv(qkv_channels, (1, 1), use_bias=self.use_bias)
+        self.qkv_dwconv = Conv(
+            qkv_channels,
+            (3, 3),
+            padding=1,
+            feature_group_count=qkv_channels,
+            use_bias=self.use_bias,
+        )
+        self.project_out = Conv(self.features, (1, 1), use_bias=self.use_bias)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        n, h, w, c = x.shape
+        head_dim = c // self.num_heads
+
+        def heads(t):  # (N, H, W, heads * d) -> (N, heads, d, H*W), PyTorch's `(head c)` order.
+            return t.reshape(n, h * w, self.num_heads, head_dim).transpose(0, 2, 3, 1)
+
+        q, k, v = jnp.split(self.qkv_dwconv(self.qkv(x)), 3, axis=-1)
+        q = _l2_normalize(heads(q), axis=-1)
+        k = _l2_normalize(heads(k), axis=-1)
+        logits = jnp.einsum("bhcn,bhdn->bhcd", q, k) * self.temperature[:, None, None]
+        attn = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhcd,bhdn->bhcn", attn, heads(v))
+        out = out.transpose(0, 3, 1, 2).reshape(n, h, w, c)
+        return self.project_out(out)
+
+
+class FeedForward(nn.Module):
+    """GDFN: 1x1 to 2*hidden, depthwise 3x3, GELU(x1) * x2, 1x1 back to `features`.
+
+    Attributes:
+      features: channels in and out.
+      expansion_factor: `hidden = int(features * expansion_factor)`.
+      use_bias: whether the convolutions have biases.
+    """
+
+    features: int
+    expansion_factor: float = 2.66
+    use_bias: bool = False
+
+    def setup(self):
+        hidden = int(self.features * self.expansion_factor)
+        self.project_in = Conv(2 * hidden, (1, 1), use_bias=self.use_bias)
+        self.dwconv = Conv(
+            2 * hidden, (3, 3), padding=1, feature_group_count=2 * hidden, use_bias=self.use_bias
+        )
+        self.project_out = Conv(self.features, (1, 1), use_bias=self.use_bias)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x1, x2 = jnp.split(self.dwconv(self.project_in(x)), 2, axis=-1)
+        # PyTorch's F.gelu is the exact (erf) form.
+        return self.project_out(jax.nn.gelu(x1, approximate=False) * x2)
+
+
+class TransformerBlock(nn.Module):
+    """`x + attn(norm1(x))`, then `x + ffn(norm2(x))`."""
+
+    features: int
+    num_heads: int
+    ffn_expansion_factor: float = 2.66
+    use_bias: bool = False
+    layer_norm_type: str = "WithBias"
+
+    def setup(self):
+        self.norm1 = layer_norm(self.layer_norm_type)
+        self.attn = Attention(self.features, self.num_heads, self.use_bias)
+        self.norm2 = layer_norm(self.layer_norm_type)
+        self.ffn = FeedForward(self.features, self.ffn_expansion_factor, self.use_bias)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class TransformerStage(nn.Module):
+    """`num_blocks` TransformerBlocks in sequence (submodules `blocks_{j}`)."""
+
+    features: int
+    num_blocks: int
+    num_heads: int
+    ffn_expansion_factor: float = 2.66
+    use_bias: bool = False
+    layer_norm_type: str = "WithBias"
+
+    def setup(self):
+        self.blocks = [
+            TransformerBlock(
+                self.features,
+                self.num_heads,
+                self.ffn_expansion_factor,
+                self.use_bias,
+                self.layer_norm_type,
+            )
+            for _ in range(self.num_blocks)
+        ]
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """Conv 3x3 (no bias) c -> c/2, then PixelUnshuffle(2): (H, W, c) -> (H/2, W/2, 2c)."""
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = Conv(x.shape[-1] // 2, (3, 3), padding=1, use_bias=False, name="conv")(x)
+        return pixel_unshuffle(x, 2)
+
+
+class Upsample(nn.Module):
+    """Conv 3x3 (no bias) c -> 2c, then PixelShuffle(2): (H, W, c) -> (2H, 2W, c/2)."""
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = Conv(2 * x.shape[-1], (3, 3), padding=1, use_bias=False, name="conv")(x)
+        return pixel_shuffle(x, 2)
+
+
+class Restormer(nn.Module):
+    """The Restormer U-Net. Field names follow the PyTorch constructor (`bias`, `LayerNorm_type`
+    become `use_bias`, `layer_norm_type`).
+
+    Attributes:
+      inp_channels: image channels in.
+      out_channels: image channels out (equal to `inp_channels`: the output adds the input).
+      dim: channels of the first level; levels 2, 3, 4 have 2, 4, 8 times as many.
+      num_blocks: TransformerBlocks of encoder levels 1-3 and the latent (decoders mirror 1-3).
+      num_refinement_blocks: blocks of the refinement stage.
+      heads: attention heads of levels 1-4.
+      ffn_expansion_factor: GDFN hidden width factor.
+      use_bias: whether the convolutions have biases.
+      layer_norm_type: "WithBias" or "BiasFree" (the real-denoising release).
+      pad_mode: `jnp.pad` mode that brings H and W to multiples of 8: "constant" (zeros) or
+        "reflect" (as the official test scripts).
+    """
+
+    inp_channels: int = 3
+    out_channels: int = 3
+    dim: int = 48
+    num_blocks: Sequence[int] = (4, 6, 6, 8)
+    num_refinement_blocks: int = 4
+    heads: Sequence[int] = (1, 2, 4, 8)
+    ffn_expansion_factor: float = 2.66
+    use_bias: bool = False
+    layer_norm_type: str = "WithBias"
+    pad_mode: str = "constant"
+
+    def setup(self):
+        if self.out_channels != self.inp_channels:
+            raise ValueError(
+                "Restormer adds its input to the output: out_channels must equal inp_channels, "
+                f"got {self.out_channels} and {self.inp_channels}"
+            )
+        if len(self.num_blocks) != 4 or len(self.heads) != 4:
+            raise ValueError(
+                "Restormer has 4 levels: num_blocks and heads need 4 entries, got "
+                f"num_blocks={tuple(self.num_blocks)}, heads={tuple(self.heads)}"
+            )
+        if self.layer_norm_type not in LAYER_NORM_TYPES:
+            raise ValueError(
+                f"layer_norm_type must be one of {LAYER_NORM_TYPES}, got {self.layer_norm_type!r}"
+            )
+        dim, blocks, heads = self.dim, self.num_blocks, self.heads
+
+        def stage(level_dim, num, num_heads):
+            return TransformerStage(
+                level_dim,
+                num,
+                num_heads,
+                self.ffn_expansion_factor,
+                self.use_bias,
+                self.layer_norm_type,
+            )
+
+        # The original builds OverlapPatchEmbed without passing `bias`: never a bias here.
+        self.patch_embed = Conv(dim, (3, 3), padding=1, use_bias=False)
+        self.encoder_level1 = stage(dim, blocks[0], heads[0])
+        self.down1_2 = Downsample()
+        self.encoder_level2 = stage(2 * dim, blocks[1], heads[1])
+        self.down2_3 = Downsample()
+        self.encoder_level3 = stage(4 * dim, blocks[2], heads[2])
+        self.down3_4 = Downsample()
+        self.latent = stage(8 * dim, blocks[3], heads[3])
+        self.up4_3 = Upsample()
+        self.reduce_chan_level3 = Conv(4 * dim, (1, 1), use_bias=self.use_bias)
+        self.decoder_level3 = stage(4 * dim, blocks[2], heads[2])
+        self.up3_2 = Upsample()
+        self.reduce_chan_level2 = Conv(2 * dim, (1, 1), use_bias=self.use_bias)
+        self.decoder_level2 = stage(2 * dim, blocks[1], heads[1])
+        self.up2_1 = Upsample()
+        # Level 1 keeps the concatenated 2*dim channels (no channel reduction), as in the original.
+        self.decoder_level1 = stage(2 * dim, blocks[0], heads[0])
+        self.refinement = stage(2 * dim, self.num_refinement_blocks, heads[0])
+        self.output = Conv(self.out_channels, (3, 3), padding=1, use_bias=self.use_bias)
+
+    def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
+        """Restores `(N, H, W, inp_channels)` images of any size; returns the same shape."""
+        check_image(images, self.inp_channels, "Restormer")
+        height, width = images.shape[1:3]
+        inputs = pad_to_multiple(images, 8, self.pad_mode)
+        enc1 = self.encoder_level1(self.patch_embed(inputs))
+        enc2 = self.encoder_level2(self.down1_2(enc1))
+        enc3 = self.encoder_level3(self.down2_3(enc2))
+        latent = self.latent(self.down3_4(enc3))
+        x = jnp.concatenate([self.up4_3(latent), enc3], axis=-1)
+        x = self.decoder_level3(self.reduce_chan_level3(x))
+        x = jnp.concatenate([self.up3_2(x), enc2], axis=-1)
+        x = self.decoder_level2(self.reduce_chan_level2(x))
+        x = jnp.concatenate([self.up2_1(x), enc1], axis=-1)
+        x = self.refinement(self.decoder_level1(x))
+        x = self.output(x) + inputs
+        return x[:, :height, :width, :]
