@@ -113,10 +113,14 @@ def _decode_iterator_state(encoded: dict[str, Any]) -> Any:
     return encoded.get("value")
 
 
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _check_finite(state: Any) -> None:
     leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    finite = jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))
-    if leaves and not bool(finite(leaves)):
+    if leaves and not bool(_all_finite(leaves)):
         raise FloatingPointError("Refusing to checkpoint a state with NaN/Inf values")
 
 

@@ -13,7 +13,9 @@ Import clu's writers through this module:
 
 import importlib.util
 import logging
+import os
 import sys
+import time
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -24,34 +26,48 @@ _TF_WRITER_MODULE = "clu.metric_writers.tf.summary_writer"
 
 
 class TensorboardXSummaryWriter:
-    """clu `MetricWriter` writing TensorBoard event files with tensorboardX.
+    """clu `MetricWriter` writing TensorBoard event files with tensorboardX's summary protos.
 
-    Implements the methods of `clu.metric_writers.interface.MetricWriter` (it is registered as a
-    virtual subclass); raw tensor summaries, videos and audio are not supported and are skipped
-    with a warning, as clu's own TensorFlow writer does for videos.
+    Events are appended synchronously (tensorboardX's own `SummaryWriter.flush()` does not drain
+    its background queue, so clu's "flush means written" would not hold); clu's
+    `AsyncMultiWriter` adds asynchrony where wanted. Implements the methods of
+    `clu.metric_writers.interface.MetricWriter` (registered as a virtual subclass); raw tensor
+    summaries, videos and audio are skipped with a warning, as clu's own writer does for videos.
     """
 
     def __init__(self, logdir: str):
-        import tensorboardX
+        from tensorboardX import event_file_writer, record_writer
 
-        # flush_secs: clu's writer flushes explicitly; a short interval bounds loss on a crash.
-        self._writer = tensorboardX.SummaryWriter(logdir=logdir, flush_secs=10)
+        record_writer.directory_check(logdir)
+        self._events = event_file_writer.EventsWriter(os.path.join(logdir, "events"))
+
+    def _write(self, summary, step: int | None = None) -> None:
+        from tensorboardX.proto import event_pb2
+
+        event = event_pb2.Event(summary=summary, wall_time=time.time())
+        if step is not None:
+            event.step = int(step)
+        self._events.write_event(event)
 
     def write_summaries(self, step: int, values: Mapping[str, Any], metadata=None):
         del step, metadata
         logging.warning("TensorboardXSummaryWriter skips raw summaries: %s", sorted(values))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        from tensorboardX import summary
+
         for key, value in scalars.items():
-            self._writer.add_scalar(key, float(np.asarray(value)), global_step=step)
+            self._write(summary.scalar(key, float(np.asarray(value))), step)
 
     def write_images(self, step: int, images: Mapping[str, Any]):
-        # Like clu: (H, W, C) or a batch (N, H, W, C), float in [0, 1] or uint8.
+        from tensorboardX import summary
+
+        # Like clu: (H, W, C) or a batch (N, H, W, C) shown as a grid; float in [0, 1] or uint8.
         for key, value in images.items():
             value = np.asarray(value)
             if value.ndim == 3:
                 value = value[None]
-            self._writer.add_images(key, value, global_step=step, dataformats="NHWC")
+            self._write(summary.image(key, value, dataformats="NHWC"), step)
 
     def write_videos(self, step: int, videos: Mapping[str, Any]):
         del step
@@ -62,34 +78,36 @@ class TensorboardXSummaryWriter:
         logging.warning("TensorboardXSummaryWriter skips audio: %s", sorted(audios))
 
     def write_texts(self, step: int, texts: Mapping[str, str]):
+        from tensorboardX import summary
+
         for key, value in texts.items():
-            self._writer.add_text(key, value, global_step=step)
+            self._write(summary.text(key, value), step)
 
     def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets=None):
+        from tensorboardX import summary
+
         for key, value in arrays.items():
-            buckets = None if num_buckets is None else num_buckets.get(key)
-            self._writer.add_histogram(
-                key, np.asarray(value), global_step=step, max_bins=buckets or None
-            )
+            # 30 buckets is tf.summary.histogram's default, which clu's own writer uses.
+            buckets = (num_buckets or {}).get(key) or 30
+            self._write(summary.histogram(key, np.asarray(value), bins=buckets), step)
 
     def write_hparams(self, hparams: Mapping[str, Any]):
         from clu.internal import utils as clu_utils
-        from tensorboardX.summary import hparams as hparams_summaries
+        from tensorboardX import summary
 
         flat = {
             key: value if isinstance(value, str | bool | int | float) else str(value)
             for key, value in clu_utils.flatten_dict(hparams)
         }
         # Into this run's event file; tensorboardX's add_hparams would open a new sub-run.
-        file_writer = self._writer._get_file_writer()
-        for summary in hparams_summaries(flat, {}):
-            file_writer.add_summary(summary)
+        for proto in summary.hparams(flat, {}):
+            self._write(proto)
 
     def flush(self):
-        self._writer.flush()
+        self._events.flush()
 
     def close(self):
-        self._writer.close()
+        self._events.close()
 
 
 def install() -> bool:

@@ -14,7 +14,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from clu import parameter_overview
@@ -22,6 +21,11 @@ from clu import parameter_overview
 from ir_lora import checkpointing, losses, train_lib
 from ir_lora import sharding as sharding_lib
 from ir_lora.clu_compat import metric_writers, periodic_actions
+
+# Jitted once per process: merging and reducing metrics eagerly would compile one tiny program
+# per jnp operation.
+_merge_metrics = jax.jit(lambda a, b: a.merge(b))
+_compute_metrics = jax.jit(lambda metrics: metrics.compute())
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -163,16 +167,15 @@ def train(
     )
     first_step = int(state.step)
     last_checked = first_step
-    # Device-side count of non-finite steps: checking it needs a host sync, so only at log/save.
-    nonfinite_steps = jnp.zeros((), jnp.float32)
+    # Metrics merged on device since the last log; `pending.nonfinite` counts NaN/Inf steps. It is
+    # read (a host sync) only at log and save steps, which covers every step since the last check.
     pending = None
     with metric_writers.ensure_flushes(writer):
         for step in range(first_step + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = sharding_lib.make_global_batch(next(data_iterator), batch_sharding)
                 state, metrics = step_fn(state, frozen, batch)
-            pending = metrics if pending is None else pending.merge(metrics)
-            nonfinite_steps = nonfinite_steps + metrics.nonfinite.total
+            pending = metrics if pending is None else _merge_metrics(pending, metrics)
             report_progress(step)
 
             is_last = step == num_steps
@@ -180,12 +183,13 @@ def train(
             should_save = step % checkpoint_every == 0 or is_last
             if not (should_log or should_save):
                 continue
-            if float(nonfinite_steps) > 0:
+            if float(pending.nonfinite.total) > 0:
                 manager.wait_until_finished()
                 raise _nonfinite_error(step, last_checked, manager)
             last_checked = step
             if should_log:
-                values = {f"train_{k}": float(v) for k, v in pending.compute().items()}
+                values = {k: float(v) for k, v in _compute_metrics(pending).items()}
+                values = {f"train_{k}": v for k, v in values.items()}
                 del values["train_nonfinite"]
                 if learning_rate_fn is None:
                     del values["train_learning_rate"]

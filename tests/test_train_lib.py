@@ -26,14 +26,14 @@ def _opt_config(**overrides):
 
 
 def _run(mesh, *, steps=3, method=None, iterator=None, min_size_to_shard=2**18):
-    """Trains `steps` steps; returns (initial trainable as numpy, state, frozen, metrics)."""
+    """Runs `steps` steps: ((initial trainable, frozen) as numpy, state, frozen, metrics)."""
     method = method or tiny.make_method()
     iterator = iterator or tiny.CountingIterator()
     tx = train_lib.make_optimizer(_opt_config(), num_train_steps=10)
     state, frozen, state_sh, frozen_sh = train_lib.create_train_state(
         init_fn=method.init_fn, tx=tx, rng=0, mesh=mesh, min_size_to_shard=min_size_to_shard
     )
-    initial = jax.tree.map(np.asarray, state.trainable)
+    initial = jax.tree.map(np.array, (state.trainable, frozen))
     step_fn = train_lib.make_train_step(
         apply_fn=method.apply_fn,
         loss_fn=losses.l1,
@@ -58,7 +58,7 @@ def eight_device_run():
 
 def test_one_device_and_eight_devices_and_fsdp_agree(eight_device_run):
     assert jax.device_count() == 8, "tests/conftest.py should simulate 8 CPU devices"
-    initial, one, _, _ = _run(sharding_lib.make_mesh(devices=jax.devices()[:1]))
+    (initial, _), one, _, _ = _run(sharding_lib.make_mesh(devices=jax.devices()[:1]))
     _, eight, _, _ = eight_device_run
     _, fsdp, _, _ = _run(sharding_lib.make_mesh({"fsdp": 2}), min_size_to_shard=64)
     # The fsdp run really shards the conv kernel (3, 3, 4, 3) on its size-4 axis.
@@ -77,10 +77,7 @@ def test_one_device_and_eight_devices_and_fsdp_agree(eight_device_run):
 
 
 def test_frozen_is_unchanged_and_absent_from_optimizer_state(eight_device_run):
-    # The same split of the init key as create_train_state.
-    init_key = jax.random.split(jax.random.wrap_key_data(train_lib._to_key_data(0)))[0]
-    frozen_before = tiny.make_method().init_fn(init_key)[1]
-    _, state, frozen, metrics = eight_device_run
+    (_, frozen_before), state, frozen, metrics = eight_device_run
     # Never donated: still alive, and bit-identical to its initial value.
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(frozen))
     jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.tree.map(np.asarray, frozen))
@@ -102,7 +99,7 @@ def test_degrade_fn_runs_inside_the_step():
     method = tiny.make_method(degrade=True)
     iterator = tiny.CountingIterator(only_gt=True)
     gt = next(tiny.CountingIterator(only_gt=True))["gt"]
-    initial, state, frozen, metrics = _run(mesh, steps=1, method=method, iterator=iterator)
+    (initial, _), state, frozen, metrics = _run(mesh, steps=1, method=method, iterator=iterator)
     # The loss the step must report: degrade with fold_in(fold_in(state rng, step 0), 0).
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
     lq, _ = method.degrade_fn(jax.random.fold_in(step_rng, 0), jnp.asarray(gt))
