@@ -112,9 +112,14 @@ def train(
     num_steps = int(config.num_train_steps)
     log_every = int(config.get("log_every_steps", 50))
     checkpoint_every = int(config.get("checkpoint_every_steps", num_steps))
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=False
-    )
+    for key, value in [
+        ("num_train_steps", num_steps),
+        ("log_every_steps", log_every),
+        ("checkpoint_every_steps", checkpoint_every),
+    ]:
+        if value < 1:
+            raise ValueError(f"config.{key} must be a positive integer, got {value}")
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     mesh = mesh if mesh is not None else sharding_lib.make_mesh(config)
     learning_rate_fn = None
     if tx is None:
@@ -206,4 +211,5 @@ def train(
                 )
     manager.wait_until_finished()
     manager.close()
+    writer.close()
     return state, frozen

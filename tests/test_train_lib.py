@@ -100,13 +100,19 @@ def test_degrade_fn_runs_inside_the_step():
     iterator = tiny.CountingIterator(only_gt=True)
     gt = next(tiny.CountingIterator(only_gt=True))["gt"]
     (initial, _), state, frozen, metrics = _run(mesh, steps=1, method=method, iterator=iterator)
+
     # The loss the step must report: degrade with fold_in(fold_in(state rng, step 0), 0).
-    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
-    lq, _ = method.degrade_fn(jax.random.fold_in(step_rng, 0), jnp.asarray(gt))
-    want = losses.l1(method.apply_fn(initial, frozen, lq), gt)
+    @jax.jit
+    def expected_losses(trainable, frozen, gt):
+        step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
+        lq, _ = method.degrade_fn(jax.random.fold_in(step_rng, 0), gt)
+        degraded = losses.l1(method.apply_fn(trainable, frozen, lq), gt)
+        return degraded, losses.l1(method.apply_fn(trainable, frozen, gt), gt)
+
+    want, clean = expected_losses(initial, frozen, jnp.asarray(gt))
     np.testing.assert_allclose(metrics[0].compute()["loss"], want, rtol=1e-5)
     # The degradation matters: on the clean input the same net has a different loss.
-    assert abs(float(losses.l1(method.apply_fn(initial, frozen, gt), gt)) - float(want)) > 1e-3
+    assert abs(float(clean) - float(want)) > 1e-3
     with pytest.raises(ValueError, match="'lq' but degrade_fn"):
         train_lib.train_step(
             state,
@@ -122,9 +128,9 @@ def test_degrade_fn_runs_inside_the_step():
 def test_schedule_and_optimizer_config():
     config = _opt_config(lr=1.0, warmup_steps=2, end_lr=0.1)
     schedule = train_lib.make_schedule(config, num_train_steps=10)
-    np.testing.assert_allclose([schedule(0), schedule(1), schedule(2)], [0.0, 0.5, 1.0])
-    # Cosine from step 2 to 10: halfway (step 6) is the mean of peak and end.
-    np.testing.assert_allclose([schedule(6), schedule(10)], [0.55, 0.1], rtol=1e-6)
+    values = jax.jit(jax.vmap(schedule))(jnp.array([0, 1, 2, 6, 10]))
+    # Linear warm-up over 2 steps, then a cosine whose midpoint (step 6) is halfway to end_lr.
+    np.testing.assert_allclose(values, [0.0, 0.5, 1.0, 0.55, 0.1], rtol=1e-6)
     with pytest.raises(ValueError, match="Unknown optimizer config keys: \\['beta1'\\]"):
         train_lib.make_optimizer(_opt_config(beta1=0.9), num_train_steps=10)
     with pytest.raises(ValueError, match="warmup_steps=10"):
@@ -134,12 +140,12 @@ def test_schedule_and_optimizer_config():
         _opt_config(lr=0.1, warmup_steps=0, weight_decay=0.5, end_lr=0.1), num_train_steps=10
     )
     params = {"w": jnp.array([2.0])}
-    updates, _ = tx.update({"w": jnp.zeros(1)}, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)({"w": jnp.zeros(1)}, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], [-0.1 * 0.5 * 2.0], rtol=1e-6)
     # Global-norm clipping to 1: a gradient of norm 10 reaches Adam as norm 1.
     clip = train_lib.make_optimizer(_opt_config(grad_clip_norm=1.0), num_train_steps=10)
     zeros = {"w": jnp.zeros(2)}
-    clipped_state = clip.update({"w": jnp.array([6.0, 8.0])}, clip.init(zeros), zeros)[1]
+    clipped_state = jax.jit(clip.update)({"w": jnp.array([6.0, 8.0])}, clip.init(zeros), zeros)[1]
     np.testing.assert_allclose(clipped_state[1][0].mu["w"], 0.1 * np.array([0.6, 0.8]), rtol=1e-6)
 
 
@@ -167,3 +173,19 @@ def test_maybe_initialize_distributed_is_a_no_op_for_one_process(monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
     assert sharding_lib.maybe_initialize_distributed() is False
+
+
+def test_maybe_initialize_distributed_reads_the_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    assert sharding_lib.maybe_initialize_distributed() is True
+    assert calls == [{"num_processes": 4, "process_id": 2}]
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert sharding_lib.maybe_initialize_distributed() is True
+    assert calls[-1] == {}
