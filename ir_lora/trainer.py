@@ -11,6 +11,7 @@ process's part of each batch as numpy arrays. Resume order:
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -35,6 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.num_train_steps = 1000
     config.log_every_steps = 50
     config.checkpoint_every_steps = 500
+    # Only used with train(eval_fn=...).
+    config.eval_every_steps = 500
     config.max_to_keep = 3
     config.loss = "psnr_loss"
     config.loss_kwargs = {}
@@ -84,6 +87,7 @@ def train(
     frozen: Any = None,
     backbone_path: str | os.PathLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    eval_fn: Callable[[train_lib.TrainState, Any], Mapping[str, Any]] | None = None,
 ) -> tuple[train_lib.TrainState, Any]:
     """Trains `method` for `config.num_train_steps` updates, resuming from `workdir` if possible.
 
@@ -100,6 +104,9 @@ def train(
       backbone_path: file or directory the frozen tree was loaded from; its hash is recorded in
         every checkpoint and checked on resume.
       mesh: default `sharding.make_mesh(config)`.
+      eval_fn: `(state, frozen) -> {name: value}` run every `config.eval_every_steps` steps
+        (default: only after the last step) and written with `metric_writers.write_values`:
+        plain numbers become scalars, `clu.values.Image(...)` images, etc.
 
     Returns:
       `(state, frozen)` after the last step.
@@ -112,10 +119,12 @@ def train(
     num_steps = int(config.num_train_steps)
     log_every = int(config.get("log_every_steps", 50))
     checkpoint_every = int(config.get("checkpoint_every_steps", num_steps))
+    eval_every = int(config.get("eval_every_steps", num_steps))
     for key, value in [
         ("num_train_steps", num_steps),
         ("log_every_steps", log_every),
         ("checkpoint_every_steps", checkpoint_every),
+        ("eval_every_steps", eval_every),
     ]:
         if value < 1:
             raise ValueError(f"config.{key} must be a positive integer, got {value}")
@@ -184,6 +193,9 @@ def train(
             report_progress(step)
 
             is_last = step == num_steps
+            if eval_fn is not None and (step % eval_every == 0 or is_last):
+                with report_progress.timed("eval"):
+                    metric_writers.write_values(writer, step, dict(eval_fn(state, frozen)))
             should_log = step % log_every == 0 or is_last
             should_save = step % checkpoint_every == 0 or is_last
             if not (should_log or should_save):

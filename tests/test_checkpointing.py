@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from clu import values as clu_values
 
 from ir_lora import checkpointing, train_lib, trainer
 from ir_lora import sharding as sharding_lib
@@ -209,6 +210,20 @@ def test_resume_after_kill_9_continues_exactly(tmp_path):
     assert resumed_iterator.draws in (2, 4, 6)
     assert resumed_iterator.position == num_steps
     uninterrupted, _ = trainer.train(
-        config, clean_dir, method=tiny.make_method(), data_iterator=tiny.CountingIterator()
+        config,
+        clean_dir,
+        method=tiny.make_method(),
+        data_iterator=tiny.CountingIterator(),
+        eval_fn=lambda state, frozen: {
+            "eval_step": int(state.step),
+            "eval_sample": clu_values.Image(np.full((4, 5, 3), 0.5, np.float32)),
+        },
     )
     _assert_trees_equal(resumed, uninterrupted, atol=1e-6)
+    # Logs and evaluations of the uninterrupted run landed in its TensorBoard event file.
+    events = tiny.read_events(clean_dir)
+    tags = {(v.tag, e.step) for e in events for v in e.summary.value}
+    assert {("train_loss", 2), ("train_psnr", 10), ("train_l2_grads", 10)} <= tags
+    assert {("eval_step", 10), ("eval_sample", 10), ("steps_per_sec", 10)} <= tags
+    steps = [e.step for e in events for v in e.summary.value if v.tag == "eval_step"]
+    assert steps == [10]

@@ -3,35 +3,22 @@
 These tests fail if a clu release moves or renames what ir_lora.clu_compat replaces.
 """
 
-import glob
+import importlib.util
 import io
 import os
-import struct
 import time
 
 import numpy as np
 from PIL import Image
-from tensorboardX.proto import event_pb2
 
 from ir_lora import clu_compat
 from ir_lora.clu_compat import metric_writers, periodic_actions
 
-
-def _read_events(logdir):
-    """All `Event` protos of the event files in `logdir` (TFRecord framing, CRCs skipped)."""
-    events = []
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        with open(path, "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            record = data[offset + 12 : offset + 12 + length]
-            offset += 12 + length + 4
-            event = event_pb2.Event()
-            event.ParseFromString(record)
-            events.append(event)
-    return events
+_spec = importlib.util.spec_from_file_location(
+    "tiny_training", os.path.join(os.path.dirname(__file__), "tiny_training.py")
+)
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
 
 
 def _values(events):
@@ -65,7 +52,7 @@ def test_scalars_images_histograms_hparams_land_in_the_event_file(tmp_path):
     progress(2)
     writer.flush()
 
-    values = _values(_read_events(str(tmp_path)))
+    values = _values(tiny.read_events(str(tmp_path)))
     assert values[("train_loss", 3)].simple_value == 0.25
     encoded = values[("restored", 3)].image
     assert (encoded.height, encoded.width) == (5, 7)

@@ -1,10 +1,13 @@
-"""A tiny conv-net method and a deterministic data iterator for the training tests.
+"""Test helpers: a tiny conv-net method, a deterministic data iterator, an event-file reader.
 
 Also a script: `python tiny_training.py WORKDIR NUM_STEPS DELAY_S` trains it with checkpoints
 every 2 steps (sleeping DELAY_S per batch, so that a test can kill it mid-run) and writes the
 final trainable parameters to `WORKDIR/final.npz`.
 """
 
+import glob
+import os
+import struct
 import sys
 import time
 
@@ -13,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from tensorboardX.proto import event_pb2
 
 from ir_lora import train_lib, trainer
 
@@ -85,6 +89,23 @@ class CountingIterator:
 
     def set_state(self, state):
         self.position = int(state["position"])
+
+
+def read_events(logdir):
+    """All `Event` protos of the event files in `logdir` (TFRecord framing, CRCs skipped)."""
+    events = []
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            record = data[offset + 12 : offset + 12 + length]
+            offset += 12 + length + 4
+            event = event_pb2.Event()
+            event.ParseFromString(record)
+            events.append(event)
+    return events
 
 
 def small_config(num_train_steps: int) -> ml_collections.ConfigDict:
