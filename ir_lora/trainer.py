@@ -84,6 +84,7 @@ def train(
     method: train_lib.Method,
     data_iterator: Any,
     tx: optax.GradientTransformation | None = None,
+    learning_rate_fn: optax.Schedule | None = None,
     frozen: Any = None,
     backbone_path: str | os.PathLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -100,6 +101,8 @@ def train(
         `degrade_fn`), this process's share of the global batch; `get_state`/`set_state`
         (e.g. a grain iterator) make resumption exact.
       tx: the optimizer; default `train_lib.make_optimizer(config.optimizer, ...)`.
+      learning_rate_fn: the schedule inside a given `tx`, only to log the learning rate (with the
+        default `tx` it is `make_schedule(config.optimizer, ...)`).
       frozen: a loaded frozen tree to use instead of `init_fn`'s (see `create_train_state`).
       backbone_path: file or directory the frozen tree was loaded from; its hash is recorded in
         every checkpoint and checked on resume.
@@ -130,7 +133,6 @@ def train(
             raise ValueError(f"config.{key} must be a positive integer, got {value}")
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     mesh = mesh if mesh is not None else sharding_lib.make_mesh(config)
-    learning_rate_fn = None
     if tx is None:
         tx = train_lib.make_optimizer(config.optimizer, num_train_steps=num_steps)
         learning_rate_fn = train_lib.make_schedule(config.optimizer, num_train_steps=num_steps)
