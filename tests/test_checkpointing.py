@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -227,3 +228,16 @@ def test_resume_after_kill_9_continues_exactly(tmp_path):
     assert {("eval_step", 10), ("eval_sample", 10), ("steps_per_sec", 10)} <= tags
     steps = [e.step for e in events for v in e.summary.value if v.tag == "eval_step"]
     assert steps == [10]
+
+
+def test_grain_iterator_resumes_where_it_stopped(tmp_path):
+    dataset = grain.MapDataset.range(50).shuffle(seed=3).batch(2).to_iter_dataset()
+    iterator = iter(dataset)
+    for _ in range(3):
+        next(iterator)
+    manager = checkpointing.make_manager(tmp_path)
+    checkpointing.save(manager, _fresh_state(), step=3, data_iterator=iterator)
+    expected = [next(iterator).tolist() for _ in range(2)]
+    resumed = iter(dataset)
+    checkpointing.restore(manager, _fresh_state(), data_iterator=resumed)
+    assert [next(resumed).tolist() for _ in range(2)] == expected
