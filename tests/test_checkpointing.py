@@ -1,0 +1,243 @@
+"""Checkpoint round trips, backbone hashes, corrupt-newest fallback, NaN stop, kill -9 resume."""
+
+import functools
+import glob
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import grain
+import jax
+import numpy as np
+import pytest
+from clu import values as clu_values
+
+from ir_lora import checkpointing, train_lib, trainer
+from ir_lora import sharding as sharding_lib
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location(
+    "tiny_training", os.path.join(_HERE, "tiny_training.py")
+)
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
+
+
+def _assert_trees_equal(a, b, atol=0.0):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+@functools.cache
+def _fresh_state(seed=0):
+    tx = train_lib.make_optimizer(tiny.small_config(4).optimizer, num_train_steps=4)
+    state, *_ = train_lib.create_train_state(
+        init_fn=tiny.make_method().init_fn, tx=tx, rng=seed, mesh=sharding_lib.make_mesh()
+    )
+    return state
+
+
+def _write(path, data: bytes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_hash_path_is_deterministic_and_content_sensitive(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write(str(a / "x.bin"), b"one")
+    _write(str(a / "sub" / "y.bin"), b"two")
+    _write(str(b / "sub" / "y.bin"), b"two")  # same tree, created in the other order
+    _write(str(b / "x.bin"), b"one")
+    assert checkpointing.hash_path(a) == checkpointing.hash_path(b)
+    assert checkpointing.hash_path(a / "x.bin") == hashlib.sha256(b"one").hexdigest()
+    _write(str(b / "x.bin"), b"One")
+    assert checkpointing.hash_path(a) != checkpointing.hash_path(b)
+    os.rename(b / "x.bin", b / "z.bin")
+    _write(str(b / "z.bin"), b"one")
+    assert checkpointing.hash_path(a) != checkpointing.hash_path(b)  # names count too
+    with pytest.raises(FileNotFoundError, match="missing"):
+        checkpointing.hash_path(tmp_path / "missing")
+
+
+def test_round_trip_with_iterator_state_and_backbone_check(tmp_path):
+    backbone = tmp_path / "backbone.msgpack"
+    _write(str(backbone), b"pretrained weights")
+    state = _fresh_state()
+    iterator = tiny.CountingIterator()
+    for _ in range(5):
+        next(iterator)
+    manager = checkpointing.make_manager(tmp_path / "ckpt")
+    checkpointing.save(
+        manager,
+        state,
+        step=5,
+        data_iterator=iterator,
+        backbone=checkpointing.backbone_reference(backbone),
+        extra_metadata={"config": {"lr": 0.01}},
+    )
+    resumed_iterator = tiny.CountingIterator()
+    restored, metadata = checkpointing.restore(
+        manager, _fresh_state(seed=1), data_iterator=resumed_iterator
+    )
+    _assert_trees_equal(restored, state)
+    assert (
+        restored.trainable["conv_out"]["kernel"].sharding
+        == state.trainable["conv_out"]["kernel"].sharding
+    )
+    assert resumed_iterator.position == 5
+    assert metadata["step"] == 5 and metadata["extra"] == {"config": {"lr": 0.01}}
+    assert metadata["backbone"]["sha256"] == hashlib.sha256(b"pretrained weights").hexdigest()
+    # Only trainable parameters are stored: the frozen conv_in is nowhere in the checkpoint.
+    with open(tmp_path / "ckpt" / "5" / "state" / "_METADATA") as f:
+        stored = f.read()
+    assert "conv_out" in stored and "conv_in" not in stored
+
+    _write(str(backbone), b"other weights")
+    with pytest.raises(checkpointing.BackboneMismatchError, match="backbone.msgpack.*sha256"):
+        checkpointing.restore(manager, state)
+    moved = tmp_path / "moved.msgpack"
+    _write(str(moved), b"pretrained weights")
+    assert checkpointing.restore(manager, state, backbone_path=moved) is not None
+
+
+def test_bytes_iterator_state_round_trip(tmp_path):
+    class BytesIterator:  # like grain's DataLoader iterator
+        state = b'{"last_seen_indices": {"0": 7}}'
+
+        def get_state(self):
+            return self.state
+
+        def set_state(self, state):
+            self.state = state
+
+    manager = checkpointing.make_manager(tmp_path)
+    state = _fresh_state()
+    checkpointing.save(manager, state, step=1, data_iterator=BytesIterator())
+    target = BytesIterator()
+    target.state = b""
+    checkpointing.restore(manager, state, data_iterator=target)
+    assert target.state == b'{"last_seen_indices": {"0": 7}}'
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
+    manager = checkpointing.make_manager(tmp_path / "ckpt")
+    old, new = _fresh_state(seed=0), _fresh_state(seed=1)
+    checkpointing.save(manager, old, step=2)
+    checkpointing.save(manager, new, step=4)
+    manager.wait_until_finished()
+    data_files = glob.glob(f"{tmp_path}/ckpt/4/state/**/d/*", recursive=True)
+    assert data_files
+    for path in data_files:
+        _write(path, b"\x00garbage" * 8)
+    with pytest.warns(RuntimeWarning, match="step 4 .* unreadable"):
+        restored, metadata = checkpointing.restore(manager, new)
+    assert metadata["step"] == 2
+    _assert_trees_equal(restored, old)
+    assert manager.all_steps() == [2]
+    assert len(glob.glob(f"{tmp_path}/ckpt_corrupt/4.*")) == 1
+    # The step number is free again.
+    checkpointing.save(manager, new, step=4)
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 4]
+
+
+def test_refuses_to_save_nan(tmp_path):
+    state = _fresh_state()
+    bad = state.replace(trainable=jax.tree.map(lambda x: x * np.nan, state.trainable))
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        checkpointing.save(checkpointing.make_manager(tmp_path), bad, step=1)
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny.small_config(8)
+    # Batch index 4 feeds step 5; the check at step 6 (log + save) must stop the run.
+    iterator = tiny.CountingIterator(nan_at=4)
+    with pytest.raises(FloatingPointError, match=r"between steps 5 and 6.*checkpoint is step 4"):
+        trainer.train(config, tmp_path, method=tiny.make_method(), data_iterator=iterator)
+    manager = checkpointing.make_manager(tmp_path / "checkpoints")
+    assert manager.all_steps() == [2, 4]
+    restored, metadata = checkpointing.restore(manager, _fresh_state())
+    assert metadata["step"] == int(restored.step) == 4
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
+
+
+def test_resume_after_kill_9_continues_exactly(tmp_path):
+    num_steps = 10
+    killed_dir, clean_dir = str(tmp_path / "killed"), str(tmp_path / "clean")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(_HERE, "tiny_training.py"),
+            killed_dir,
+            str(num_steps),
+            "0.5",
+        ],
+        env={**os.environ, "PYTHONPATH": os.path.dirname(_HERE)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.isdir(os.path.join(killed_dir, "checkpoints", "4")):
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        process.kill()  # SIGKILL: no clean-up of any kind
+        assert process.wait() == -9
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not os.path.exists(os.path.join(killed_dir, "final.npz"))
+
+    class CountingDraws(tiny.CountingIterator):
+        draws = 0
+
+        def __next__(self):
+            self.draws += 1
+            return super().__next__()
+
+    resumed_iterator = CountingDraws()
+    config = tiny.small_config(num_steps)
+    resumed, _ = trainer.train(
+        config, killed_dir, method=tiny.make_method(), data_iterator=resumed_iterator
+    )
+    # It resumed from a checkpoint at step 4 or later rather than starting again.
+    assert resumed_iterator.draws in (2, 4, 6)
+    assert resumed_iterator.position == num_steps
+    uninterrupted, _ = trainer.train(
+        config,
+        clean_dir,
+        method=tiny.make_method(),
+        data_iterator=tiny.CountingIterator(),
+        eval_fn=lambda state, frozen: {
+            "eval_step": int(state.step),
+            "eval_sample": clu_values.Image(np.full((4, 5, 3), 0.5, np.float32)),
+        },
+    )
+    _assert_trees_equal(resumed, uninterrupted, atol=1e-6)
+    # Logs and evaluations of the uninterrupted run landed in its TensorBoard event file.
+    events = tiny.read_events(clean_dir)
+    tags = {(v.tag, e.step) for e in events for v in e.summary.value}
+    assert {("train_loss", 2), ("train_psnr", 10), ("train_l2_grads", 10)} <= tags
+    assert {("eval_step", 10), ("eval_sample", 10), ("steps_per_sec", 10)} <= tags
+    steps = [e.step for e in events for v in e.summary.value if v.tag == "eval_step"]
+    assert steps == [10]
+
+
+def test_grain_iterator_resumes_where_it_stopped(tmp_path):
+    dataset = grain.MapDataset.range(50).shuffle(seed=3).batch(2).to_iter_dataset()
+    iterator = iter(dataset)
+    for _ in range(3):
+        next(iterator)
+    manager = checkpointing.make_manager(tmp_path)
+    checkpointing.save(manager, _fresh_state(), step=3, data_iterator=iterator)
+    expected = [next(iterator).tolist() for _ in range(2)]
+    resumed = iter(dataset)
+    checkpointing.restore(manager, _fresh_state(), data_iterator=resumed)
+    assert [next(resumed).tolist() for _ in range(2)] == expected
