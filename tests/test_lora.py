@@ -26,6 +26,15 @@ KINDS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compilation():
+    """Tiny graphs: XLA's optimisation passes cost more than they save (halves this file's time)."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 class Body(nn.Module):
     """A plain conv stack, written as if by someone who never heard of LoRA."""
 
@@ -70,7 +79,7 @@ def _params(model, *args):
 
 
 def _x(shape=(2, 8, 8, 3), seed=1):
-    return jax.random.normal(jax.random.key(seed), shape)
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 def _all_layers(rank=2):
@@ -79,11 +88,10 @@ def _all_layers(rank=2):
 
 def _randomise_up(lora_tree, seed=7):
     """Nonzero B factors so that the adapters change the output."""
-    flat = traverse_util.flatten_dict(lora_tree)
-    keys = jax.random.split(jax.random.key(seed), len(flat))
+    rng = np.random.default_rng(seed)
     out = {
-        n: (0.3 * jax.random.normal(k, v.shape) if n[-1] == lora.UP else v)
-        for (n, v), k in zip(sorted(flat.items()), keys)
+        n: (jnp.asarray(rng.normal(0, 0.3, v.shape), v.dtype) if n[-1] == lora.UP else v)
+        for n, v in sorted(traverse_util.flatten_dict(lora_tree).items())
     }
     return traverse_util.unflatten_dict(out)
 

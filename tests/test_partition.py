@@ -12,6 +12,15 @@ from ir_lora.peft import intercept, lora, partition, report
 from ir_lora.peft.lora import LoraConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compilation():
+    """Tiny graphs: XLA's optimisation passes cost more than they save (halves this file's time)."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 class TinyRestorer(nn.Module):
     """A residual conv net written without any knowledge of LoRA."""
 
@@ -26,7 +35,7 @@ class TinyRestorer(nn.Module):
 
 def _setup():
     model = TinyRestorer()
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
     config = LoraConfig(targets=(("norm", 0), ("conv1|dw|out", 2)), alpha=2.0)
     shapes = intercept.eval_shape_init(model, x)["params"]
     rng = np.random.default_rng(0)
