@@ -101,6 +101,32 @@ def path_of(module: nn.Module) -> str:
     return "/".join(str(p) for p in module.path)
 
 
+def variable(module: nn.Module, col: str, name: str, init_fn: Callable[..., Any], *init_args):
+    """The value of variable `col/name` of `module`, created with `init_fn(*init_args)` if absent.
+
+    For wrappers: unlike `module.variable`, it works beside methods that are neither `setup` nor
+    `@compact` (a block's `feed_forward`) and when a module runs several times per call (shared
+    layers); the variable lives in the module's own scope, so its path is the module's path.
+
+    Raises:
+      ValueError: the variable is absent and `col` is not mutable (not `init`), naming both.
+    """
+    scope = module.scope
+    if scope.has_variable(col, name):
+        return scope.get_variable(col, name)
+    if not scope.is_mutable_collection(col):
+        raise ValueError(
+            f"Module {path_of(module)!r} has no variable {name!r} in collection {col!r}: create "
+            "it (init with the same rules) and pass it to apply"
+        )
+    reserved = scope.reservations.get(name, set())
+    if reserved - {col}:
+        raise ValueError(f"Module {path_of(module)!r} already uses the name {name!r}")
+    value = init_fn(*init_args)
+    scope.put_variable(col, name, value)
+    return value
+
+
 def _owns_params(module: nn.Module) -> bool:
     # A module's own variables are the non-dict entries of its scope; children are dicts.
     own = module.variables.get("params", {})

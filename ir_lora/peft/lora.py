@@ -134,21 +134,20 @@ def _wrapper(rank: int, scale: float, rng: jax.Array | None) -> intercept.Wrappe
         path = intercept.path_of(module)
         kernel = nn.unbox(module.get_variable("params", "kernel"))
         shape_a, shape_b = _factor_shapes(kernel.shape, rank)
-        if not module.is_mutable_collection(COLLECTION) and not module.has_variable(
-            COLLECTION, DOWN
-        ):
-            raise ValueError(
-                f"No LoRA factors for layer {path!r} in the {COLLECTION!r} collection: it was "
-                "made with a different LoraConfig (re-run init_lora)."
-            )
 
         def make_down():
             if rng is None:
                 raise ValueError(f"Creating LoRA factors for {path!r} needs an rng (init_lora)")
             return init_down(layer_key(rng, path), shape_a, kernel.dtype)
 
-        down = module.variable(COLLECTION, DOWN, make_down).value
-        up = module.variable(COLLECTION, UP, jnp.zeros, shape_b, kernel.dtype).value
+        scope = module.scope
+        if not scope.is_mutable_collection(COLLECTION) and not scope.has_variable(COLLECTION, DOWN):
+            raise ValueError(
+                f"No LoRA factors for layer {path!r} in the {COLLECTION!r} tree: it was made with "
+                "a different LoraConfig (re-run init_lora)."
+            )
+        down = intercept.variable(module, COLLECTION, DOWN, make_down)
+        up = intercept.variable(module, COLLECTION, UP, jnp.zeros, shape_b, kernel.dtype)
         if down.shape != shape_a or up.shape != shape_b:
             raise ValueError(
                 f"LoRA factors of layer {path!r} have shapes {down.shape}, {up.shape}; the "
