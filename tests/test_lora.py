@@ -47,7 +47,8 @@ class Body(nn.Module):
         x = nn.gelu(nn.Conv(2 * self.width, (3, 3), kernel_dilation=2, name="dilated")(x))
         x = nn.Conv(2 * self.width, (3, 3), feature_group_count=2, name="grouped")(x)
         x = nn.Conv(2 * self.width, (3, 3), feature_group_count=2 * self.width, name="depthwise")(x)
-        return nn.LayerNorm(name="norm")(x)
+        gain = self.param("gain", nn.initializers.ones, (1,))  # a container's own parameter
+        return gain * nn.LayerNorm(name="norm")(x)
 
 
 class Net(nn.Module):
@@ -335,7 +336,8 @@ def test_unsupported_module_type_is_named(net_setup):
 
 def test_containers_matched_by_a_rule_are_skipped(net_setup):
     model, x, *_ = net_setup
-    config = LoraConfig(targets=((".*norm", 0), ("body.*", 2)))  # "body" itself is a container
+    # "body" itself is a container (with a parameter of its own): skipped, not an error.
+    config = LoraConfig(targets=((".*norm", 0), ("body.*", 2)))
     factors = lora.init_lora(model, config, jax.random.key(0), x)
     assert "body" not in lora.ranks(factors)
     assert len(lora.ranks(factors)) == 5

@@ -16,9 +16,11 @@ A `Rule` selects the calls to wrap: `re.fullmatch` of its pattern on the module'
 (e.g. "encoders_0/blocks_0/conv1"), the method name, and optionally the module types it
 supports. Rules are ordered and the first one whose pattern and method match a call wins, so a
 broad rule can follow specific exceptions (a rule whose wrapper is None leaves its modules alone).
-A winning rule whose module types do not fit is an error when the module owns parameters itself
-(a typo or too broad a pattern must not silently adapt nothing) and is ignored for pure
-containers (a pattern like ".*conv.*" also matches a block named "conv_block").
+A winning rule whose module types do not fit is an error for a leaf layer (a module with
+parameters and no sub-modules, e.g. a LayerNorm: a typo or too broad a pattern must not silently
+adapt nothing) and is ignored for containers (modules with sub-modules, even with a few
+parameters of their own like NAFNet's beta/gamma): ".*conv.*" also matches a block
+"conv_block", and ".*" matches every block.
 """
 
 import contextlib
@@ -127,10 +129,11 @@ def variable(module: nn.Module, col: str, name: str, init_fn: Callable[..., Any]
     return value
 
 
-def _owns_params(module: nn.Module) -> bool:
-    # A module's own variables are the non-dict entries of its scope; children are dicts.
+def _is_leaf_layer(module: nn.Module) -> bool:
+    # Own variables are the non-dict entries of the scope's "params"; dict entries are children.
     own = module.variables.get("params", {})
-    return any(not hasattr(v, "keys") for v in own.values())
+    values = list(own.values())
+    return bool(values) and not any(hasattr(v, "keys") for v in values)
 
 
 def select(rules: Sequence[Rule], path: str, method: str) -> int | None:
@@ -153,8 +156,8 @@ def attach(rules: Sequence[Rule], trace: Trace | None = None) -> Iterator[Trace]
       The `Trace`, filled in as modules are called (at trace time under `jax.jit`).
 
     Raises:
-      TypeError: (at call time) a rule with a wrapper selected a module that owns parameters but
-        is not one of the rule's `module_types`.
+      TypeError: (at call time) a rule with a wrapper selected a leaf layer that is not one of
+        the rule's `module_types`.
     """
     rules = tuple(rules)
     trace = Trace() if trace is None else trace
@@ -175,7 +178,7 @@ def attach(rules: Sequence[Rule], trace: Trace | None = None) -> Iterator[Trace]
         if rule.module_types is not None and not isinstance(module, rule.module_types):
             # Run the method first: at init its parameters only exist afterwards.
             out = next_fun(*args, **kwargs)
-            if _owns_params(module):
+            if _is_leaf_layer(module):
                 supported = ", ".join(t.__name__ for t in rule.module_types)
                 raise TypeError(
                     f"Rule {rule.pattern!r} selected module {path!r} of type "
