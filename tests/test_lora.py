@@ -299,6 +299,9 @@ def test_per_layer_ranks_first_match_wins(net_setup):
         "body/grouped": 4,
         "stem": 1,
     }
+    # Exact per-layer ranks (as CoLoRA allocates them) round-trip through targets_from_ranks.
+    exact = LoraConfig(targets=dict(lora.targets_from_ranks(lora.ranks(factors))), alpha=2.0)
+    assert lora.ranks(lora.init_lora(model, exact, jax.random.key(0), x)) == lora.ranks(factors)
 
 
 def test_non_array_sample_kwargs_and_shape_structs(net_setup):

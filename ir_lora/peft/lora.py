@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import re
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -49,9 +50,10 @@ class LoraConfig:
     """Which layers get LoRA, with which rank.
 
     Attributes:
-      targets: ordered `(regex, rank)` pairs over "/"-joined module paths
-        ("encoders_0/blocks_0/conv1"), matched with `re.fullmatch`; the first match wins and
-        rank 0 means "no adapter" (an exception ahead of a broader rule).
+      targets: ordered `(regex, rank)` pairs (or an ordered mapping regex -> rank) over
+        "/"-joined module paths ("encoders_0/blocks_0/conv1"), matched with `re.fullmatch`;
+        the first match wins and rank 0 means "no adapter" (an exception ahead of a broader
+        rule). Stored as a tuple of pairs, so the config is hashable (a static jit argument).
       alpha: LoRA alpha; the branch is scaled by `alpha / rank`. None means scale 1 for every
         rank (alpha = r), so that ranks are comparable across layers.
     """
@@ -60,7 +62,8 @@ class LoraConfig:
     alpha: float | None = None
 
     def __post_init__(self):
-        targets = tuple((str(p), int(r)) for p, r in self.targets)
+        items = self.targets.items() if isinstance(self.targets, Mapping) else self.targets
+        targets = tuple((str(p), int(r)) for p, r in items)
         for pattern, rank in targets:
             try:
                 re.compile(pattern)
@@ -199,7 +202,8 @@ def init_lora(model: nn.Module, config: LoraConfig, rng: jax.Array, *sample_args
 
     Raises:
       ValueError: a target selected no layer (named), or the config adapts nothing.
-      TypeError: a target selected a module with parameters that is neither nn.Conv nor nn.Dense.
+      TypeError: a target selected a leaf layer (parameters, no sub-modules) that is neither
+        nn.Conv nor nn.Dense, e.g. a LayerNorm (add a rank-0 exception before the target).
     """
     # Shapes come from an abstract init (no FLOPs, parameter values never computed); the factors
     # are then drawn here with the same per-layer keys the in-module initialiser uses.
