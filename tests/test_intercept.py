@@ -137,3 +137,28 @@ def test_lora_on_setup_defined_and_shared_layers():
     adapted = jax.jit(lora.apply, static_argnums=(0, 3))(model, params, factors, config, x)
     merged = model.apply({"params": lora.merge(params, factors, config)}, x)
     np.testing.assert_allclose(adapted, merged, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_inside_nn_remat():
+    class Residual(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x + nn.Conv(4, (3, 3), name="conv")(x)
+
+    class Checkpointed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Residual(name="plain")(nn.remat(Residual)(name="remat")(x))
+
+    model = Checkpointed()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 6, 4)), jnp.float32)
+    params = _params(model, x)
+    config = LoraConfig(targets=((".*/conv", 2),))
+    factors = lora.init_lora(model, config, jax.random.key(0), x)
+    assert set(lora.ranks(factors)) == {"remat/conv", "plain/conv"}
+    factors = jax.tree.map(lambda v: v + 0.1, factors)
+    grads = jax.grad(lambda f: jnp.sum(lora.apply(model, params, f, config, x) ** 2))(factors)
+    assert jax.tree.structure(grads) == jax.tree.structure(factors)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    merged = model.apply({"params": lora.merge(params, factors, config)}, x)
+    np.testing.assert_allclose(lora.apply(model, params, factors, config, x), merged, atol=1e-5)
