@@ -162,3 +162,39 @@ def test_lora_inside_nn_remat():
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
     merged = model.apply({"params": lora.merge(params, factors, config)}, x)
     np.testing.assert_allclose(lora.apply(model, params, factors, config, x), merged, atol=1e-5)
+
+
+def test_mixture_of_lora_experts_from_lora_branch():
+    """LoRA-IR style: E experts on one conv, mixed per sample with weights given by closure."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(4, (3, 3), name="conv")(x)
+
+    rng = np.random.default_rng(2)
+    model, experts, rank = Net(), 2, 2
+    x = jnp.asarray(rng.normal(size=(3, 6, 6, 4)), jnp.float32)
+    params = _params(model, x)
+    downs = jnp.asarray(rng.normal(size=(experts, 36, rank)), jnp.float32)
+    ups = jnp.asarray(rng.normal(size=(experts, rank, 4)), jnp.float32)
+    weights = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.3, 0.7]])  # per-sample routing
+
+    def mixture(next_fun, args, kwargs, module):
+        y = next_fun(*args, **kwargs)
+        a = intercept.variable(module, "moe", "a", lambda: downs)
+        b = intercept.variable(module, "moe", "b", lambda: ups)
+        for e in range(experts):
+            y = y + weights[:, e, None, None, None] * lora.branch(module, args[0], a[e], b[e])
+        return y
+
+    rules = [intercept.Rule("conv", mixture, module_types=(nn.Conv,))]
+    with intercept.attach(rules):
+        moe = model.init(jax.random.key(0), x)["moe"]
+        out = model.apply({"params": params, "moe": moe}, x)
+    for n in range(3):
+        kernel = params["conv"]["kernel"] + sum(
+            weights[n, e] * lora.delta_kernel(downs[e], ups[e], (3, 3, 4, 4)) for e in range(2)
+        )
+        want = model.apply({"params": {"conv": {**params["conv"], "kernel": kernel}}}, x[n : n + 1])
+        np.testing.assert_allclose(out[n : n + 1], want, atol=1e-4, rtol=1e-5)

@@ -84,8 +84,8 @@ class LoraConfig:
         return 1.0 if self.alpha is None else float(self.alpha) / rank
 
 
-def _factor_shapes(kernel_shape: tuple[int, ...], rank: int) -> tuple[tuple, tuple]:
-    # Dense (in, out) and Conv (*window, in/g, out) alike: A (prod(all but out), r), B (r, out).
+def factor_shapes(kernel_shape: tuple[int, ...], rank: int) -> tuple[tuple, tuple]:
+    """`(A shape, B shape)` for a Dense `(in, out)` or Conv `(*window, in/g, out)` kernel."""
     return (int(np.prod(kernel_shape[:-1])), rank), (rank, kernel_shape[-1])
 
 
@@ -111,6 +111,22 @@ def _matmul_last(x: jax.Array, w: jax.Array, precision) -> jax.Array:
     return y.reshape(x.shape[:-1] + (w.shape[-1],))
 
 
+def branch(module: nn.Conv | nn.Dense, x: jax.Array, down: jax.Array, up: jax.Array) -> jax.Array:
+    """The unscaled low-rank branch `x * reshape(A @ B)` of a bound `nn.Conv` / `nn.Dense`.
+
+    For wrappers built on LoRA (mixtures of experts call it once per expert and weight the
+    results per sample). `module` must be bound (inside an interceptor); only its configuration
+    and its kernel's shape are used.
+    """
+    if isinstance(module, nn.Conv):
+        kernel_shape = nn.unbox(module.get_variable("params", "kernel")).shape
+        return _conv_branch(module, x, down, up, kernel_shape)
+    if isinstance(module, nn.Dense):
+        x, down, up = promote_dtype(x, down, up, dtype=module.dtype)
+        return _matmul_last(_matmul_last(x, down, module.precision), up, module.precision)
+    raise TypeError(f"LoRA supports nn.Conv and nn.Dense, not {type(module).__name__}")
+
+
 def _conv_branch(module: nn.Conv, x, down, up, kernel_shape):
     # `module.clone` reuses the layer's padding, strides, dilations, mask and conv primitive; the
     # clones run unbound (own tiny apply) and must not be intercepted themselves.
@@ -126,17 +142,12 @@ def _conv_branch(module: nn.Conv, x, down, up, kernel_shape):
         return delta.apply({"params": {"kernel": delta_kernel(down, up, kernel_shape)}}, x)
 
 
-def _dense_branch(module: nn.Dense, x, down, up):
-    x, down, up = promote_dtype(x, down, up, dtype=module.dtype)
-    return _matmul_last(_matmul_last(x, down, module.precision), up, module.precision)
-
-
 def _wrapper(rank: int, scale: float, rng: jax.Array | None) -> intercept.Wrapper:
     def wrapper(next_fun, args, kwargs, module):
         y = next_fun(*args, **kwargs)  # at init, the layer's kernel exists only after its call
         path = intercept.path_of(module)
         kernel = nn.unbox(module.get_variable("params", "kernel"))
-        shape_a, shape_b = _factor_shapes(kernel.shape, rank)
+        shape_a, shape_b = factor_shapes(kernel.shape, rank)
 
         def make_down():
             if rng is None:
@@ -157,11 +168,7 @@ def _wrapper(rank: int, scale: float, rng: jax.Array | None) -> intercept.Wrappe
                 f"config asks rank {rank}: {shape_a}, {shape_b}."
             )
         x = args[0] if args else kwargs["inputs"]
-        if isinstance(module, nn.Conv):
-            branch = _conv_branch(module, x, down, up, kernel.shape)
-        else:
-            branch = _dense_branch(module, x, down, up)
-        return y + (scale * branch).astype(y.dtype)
+        return y + (scale * branch(module, x, down, up)).astype(y.dtype)
 
     return wrapper
 
