@@ -60,6 +60,11 @@ def test_lora_rules_labels():
         partition.label_tree(variables, partition.lora_rules(tune_bias_norm=False)), sep="/"
     )
     assert no_bias["params/conv1/bias"] == "frozen" and no_bias["lora/out/lora_a"] == "lora"
+    dw_full = traverse_util.flatten_dict(
+        partition.label_tree(variables, partition.lora_rules(also_train=["params/dw/kernel"])),
+        sep="/",
+    )
+    assert dw_full["params/dw/kernel"] == "train" and dw_full["params/out/kernel"] == "frozen"
     full = partition.label_tree(variables, partition.full_rules(with_lora=True))
     assert set(jax.tree.leaves(full["params"])) == {"train"}
     assert set(jax.tree.leaves(full["lora"])) == {"lora"}

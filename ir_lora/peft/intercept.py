@@ -7,10 +7,12 @@ one method of one module instance,
     wrapper(next_fun, args, kwargs, module) -> output
 
 where `next_fun(*args, **kwargs)` runs the original method (and any inner interceptors) and
-`module` is the bound module, inside whose compact scope the wrapper runs: it may declare
-variables with `module.variable(collection, name, init_fn, ...)`, read the module's own
-parameters with `module.get_variable("params", name)` and call helper modules. The model's code
-is never changed; `flax.linen.intercept_methods` does the dispatch.
+`module` is the bound module, in whose scope the wrapper runs: it declares its own variables with
+`variable(module, collection, name, init_fn, ...)` (they live at the module's path, in a
+collection of their own), reads the module's parameters with `module.get_variable("params",
+name)` and may call helper modules inside `bypass()`. The model's code is never changed;
+`flax.linen.intercept_methods` does the dispatch. Several `attach` contexts nest (LoRA inside
+an AdaptIR block, say); the innermost runs closest to the original method.
 
 A `Rule` selects the calls to wrap: `re.fullmatch` of its pattern on the module's "/"-joined path
 (e.g. "encoders_0/blocks_0/conv1"), the method name, and optionally the module types it

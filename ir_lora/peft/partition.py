@@ -32,9 +32,19 @@ Rules = Sequence[tuple[str, str]]
 BIAS_NORM_PATTERN = r"params/(.*/)?(bias|scale|beta|gamma|temperature)"
 
 
-def lora_rules(*, tune_bias_norm: bool = True) -> list[tuple[str, str]]:
-    """LoRA factors train (label "lora"); optionally biases and norms too ("train"); rest frozen."""
-    rules = [(f"{LORA}/.*", LORA)]
+def lora_rules(
+    *, tune_bias_norm: bool = True, also_train: Sequence[str] = ()
+) -> list[tuple[str, str]]:
+    """LoRA factors train (label "lora"); optionally biases and norms too ("train"); rest frozen.
+
+    Args:
+      tune_bias_norm: label biases, norm scales, beta/gamma and temperatures "train"
+        (`BIAS_NORM_PATTERN`).
+      also_train: further patterns labelled "train", checked first, e.g.
+        `["params/.*/dwconv/kernel"]` to tune depthwise kernels fully instead of with LoRA.
+    """
+    rules = [(pattern, TRAIN) for pattern in also_train]
+    rules.append((f"{LORA}/.*", LORA))
     if tune_bias_norm:
         rules.append((BIAS_NORM_PATTERN, TRAIN))
     rules.append(("params/.*", FROZEN))
