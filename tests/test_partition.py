@@ -177,5 +177,8 @@ def test_report_counts():
     frozen_kernels = 3 * 3 * 3 * 8 + 3 * 3 * 1 * 8 + 8 * 3
     assert rep.frozen == frozen_kernels
     assert {row.path: row.rank for row in rep.layers} == {"conv1": 2, "dw": 2, "out": 2}
+    described = partition.describe(variables, partition.lora_rules())
+    assert ("params/conv1/kernel", "frozen", "params/.*") in described
+    assert ("lora/dw/lora_b", "lora", "lora/.*") in described
     text = rep.to_markdown()
     assert "conv1" in text and f"{rep.trainable:,}" in text
