@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning attached to any `flax.linen` model from outside."""

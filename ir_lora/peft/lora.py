@@ -1,0 +1,286 @@
+"""LoRA for the `nn.Conv` and `nn.Dense` layers of any `flax.linen` model, attached from outside.
+
+The adapter factors live in their own variable collection `"lora"`, beside the frozen
+`"params"`, so the backbone and the adapters are separate pytrees (train, donate, checkpoint and
+shard the small one only). For a layer with kernel `W0` the adapted layer computes
+`y = x * W0 + b + scale * x * dW`, `dW = reshape(A @ B, W0.shape)`, `scale = alpha / r`:
+
+* `nn.Dense`, kernel `(in, out)`: `A (in, r)`, `B (r, out)`.
+* `nn.Conv`, HWIO kernel `(kh, kw, Cin/g, Cout)` (any kernel size, stride, padding, dilation and
+  `feature_group_count` g, depthwise included): `A (kh*kw*Cin/g, r)`, `B (r, Cout)`, the
+  LoCon / loralib ConvLoRA form (METHODS.md section 4). For a depthwise 3x3 this is the low-rank
+  `(9, C)` matrix of the kernel. Subclasses of `nn.Conv` that only change the convolution
+  primitive (`ir_lora.models.layers.Conv`) are covered and keep their fast primitive.
+
+`A` is Kaiming-uniform (a=sqrt(5), bound 1/sqrt(fan_in) as loralib) from a key folded with the
+layer's path, so no two layers share an init; `B` is zero, so the adapted model equals the base
+model exactly at step 0.
+
+Unmerged computation (training): for g == 1 the branch is the layer itself with `Cout -> r` and
+kernel `A` (same stride, padding, dilation, primitive), followed by a 2-D matmul `r -> Cout`:
+r/Cout of the base layer's cost, and no `dW` is ever formed. For g > 1 the `r` output channels
+cannot be grouped like `Cout`, so the branch convolves with the delta kernel `dW` under the same
+`feature_group_count` (exact for any g; for depthwise layers `dW` has only kh*kw*C entries).
+`merge` folds `scale * dW` into the kernels for inference; `unmerge` takes it out again.
+"""
+
+import dataclasses
+import functools
+import re
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+from flax.linen.dtypes import promote_dtype
+
+from ir_lora.peft import intercept
+
+COLLECTION = "lora"
+DOWN, UP = "lora_a", "lora_b"
+SUPPORTED_TYPES = (nn.Conv, nn.Dense)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which layers get LoRA, with which rank.
+
+    Attributes:
+      targets: ordered `(regex, rank)` pairs (or an ordered mapping regex -> rank) over
+        "/"-joined module paths ("encoders_0/blocks_0/conv1"), matched with `re.fullmatch`;
+        the first match wins and rank 0 means "no adapter" (an exception ahead of a broader
+        rule). Stored as a tuple of pairs, so the config is hashable (a static jit argument).
+      alpha: LoRA alpha; the branch is scaled by `alpha / rank`. None means scale 1 for every
+        rank (alpha = r), so that ranks are comparable across layers.
+    """
+
+    targets: tuple[tuple[str, int], ...]
+    alpha: float | None = None
+
+    def __post_init__(self):
+        items = self.targets.items() if isinstance(self.targets, Mapping) else self.targets
+        targets = tuple((str(p), int(r)) for p, r in items)
+        for pattern, rank in targets:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"LoraConfig target {pattern!r} is not a valid regex: {e}") from e
+            if rank < 0:
+                raise ValueError(f"LoraConfig target {pattern!r}: rank must be >= 0, got {rank}")
+        patterns = [p for p, _ in targets]
+        duplicates = sorted({p for p in patterns if patterns.count(p) > 1})
+        if duplicates:
+            raise ValueError(f"LoraConfig targets listed more than once: {duplicates}")
+        if not targets:
+            raise ValueError("LoraConfig needs at least one (regex, rank) target")
+        object.__setattr__(self, "targets", targets)
+
+    def scale(self, rank: int) -> float:
+        """The branch multiplier `alpha / rank` (1 when alpha is None)."""
+        return 1.0 if self.alpha is None else float(self.alpha) / rank
+
+
+def factor_shapes(kernel_shape: tuple[int, ...], rank: int) -> tuple[tuple, tuple]:
+    """`(A shape, B shape)` for a Dense `(in, out)` or Conv `(*window, in/g, out)` kernel."""
+    return (int(np.prod(kernel_shape[:-1])), rank), (rank, kernel_shape[-1])
+
+
+def layer_key(rng: jax.Array, path: str) -> jax.Array:
+    """The init key of the layer at `path`: `rng` folded with a stable hash of the path."""
+    return jax.random.fold_in(rng, np.uint32(zlib.crc32(path.encode())))
+
+
+def init_down(key: jax.Array, shape: tuple[int, int], dtype: Any = jnp.float32) -> jax.Array:
+    """Kaiming-uniform, a=sqrt(5) (torch/loralib): U(+-1/sqrt(fan_in)), fan_in = shape[0]."""
+    bound = 1.0 / np.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def delta_kernel(down: jax.Array, up: jax.Array, kernel_shape: tuple[int, ...]) -> jax.Array:
+    """`dW = reshape(A @ B, kernel_shape)` (C order: A's rows run over (kh, kw, Cin/g))."""
+    return jnp.matmul(down, up, precision=jax.lax.Precision.HIGHEST).reshape(kernel_shape)
+
+
+def _matmul_last(x: jax.Array, w: jax.Array, precision) -> jax.Array:
+    # 2-D matmul: XLA:CPU differentiates it 3-5x faster than a 4-D dot (STACK.md).
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w, precision=precision)
+    return y.reshape(x.shape[:-1] + (w.shape[-1],))
+
+
+def branch(module: nn.Conv | nn.Dense, x: jax.Array, down: jax.Array, up: jax.Array) -> jax.Array:
+    """The unscaled low-rank branch `x * reshape(A @ B)` of a bound `nn.Conv` / `nn.Dense`.
+
+    For wrappers built on LoRA (mixtures of experts call it once per expert and weight the
+    results per sample). `module` must be bound (inside an interceptor); only its configuration
+    and its kernel's shape are used.
+    """
+    if isinstance(module, nn.Conv):
+        kernel_shape = nn.unbox(module.get_variable("params", "kernel")).shape
+        return _conv_branch(module, x, down, up, kernel_shape)
+    if isinstance(module, nn.Dense):
+        x, down, up = promote_dtype(x, down, up, dtype=module.dtype)
+        return _matmul_last(_matmul_last(x, down, module.precision), up, module.precision)
+    raise TypeError(f"LoRA supports nn.Conv and nn.Dense, not {type(module).__name__}")
+
+
+def _conv_branch(module: nn.Conv, x, down, up, kernel_shape):
+    # `module.clone` reuses the layer's padding, strides, dilations, mask and conv primitive; the
+    # clones run unbound (own tiny apply) and must not be intercepted themselves.
+    groups = module.feature_group_count
+    with intercept.bypass():
+        if groups == 1 and module.mask is None:
+            rank = down.shape[-1]
+            narrow = module.clone(parent=None, name=None, features=rank, use_bias=False)
+            h = narrow.apply({"params": {"kernel": down.reshape(kernel_shape[:-1] + (rank,))}}, x)
+            h, up = promote_dtype(h, up, dtype=module.dtype)
+            return _matmul_last(h, up, module.precision)
+        delta = module.clone(parent=None, name=None, use_bias=False)
+        return delta.apply({"params": {"kernel": delta_kernel(down, up, kernel_shape)}}, x)
+
+
+def _wrapper(rank: int, scale: float, rng: jax.Array | None) -> intercept.Wrapper:
+    def wrapper(next_fun, args, kwargs, module):
+        y = next_fun(*args, **kwargs)  # at init, the layer's kernel exists only after its call
+        path = intercept.path_of(module)
+        kernel = nn.unbox(module.get_variable("params", "kernel"))
+        shape_a, shape_b = factor_shapes(kernel.shape, rank)
+
+        def make_down():
+            if rng is None:
+                raise ValueError(f"Creating LoRA factors for {path!r} needs an rng (init_lora)")
+            return init_down(layer_key(rng, path), shape_a, kernel.dtype)
+
+        scope = module.scope
+        if not scope.is_mutable_collection(COLLECTION) and not scope.has_variable(COLLECTION, DOWN):
+            raise ValueError(
+                f"No LoRA factors for layer {path!r} in the {COLLECTION!r} tree: it was made with "
+                "a different LoraConfig (re-run init_lora)."
+            )
+        down = intercept.variable(module, COLLECTION, DOWN, make_down)
+        up = intercept.variable(module, COLLECTION, UP, jnp.zeros, shape_b, kernel.dtype)
+        if down.shape != shape_a or up.shape != shape_b:
+            raise ValueError(
+                f"LoRA factors of layer {path!r} have shapes {down.shape}, {up.shape}; the "
+                f"config asks rank {rank}: {shape_a}, {shape_b}."
+            )
+        x = args[0] if args else kwargs["inputs"]
+        return y + (scale * branch(module, x, down, up)).astype(y.dtype)
+
+    return wrapper
+
+
+def rules(config: LoraConfig, rng: jax.Array | None = None) -> tuple[intercept.Rule, ...]:
+    """The interception rules of `config` (rank-0 targets become "leave alone" rules)."""
+    return tuple(
+        intercept.Rule(
+            pattern,
+            _wrapper(rank, config.scale(rank), rng) if rank else None,
+            module_types=SUPPORTED_TYPES,
+        )
+        for pattern, rank in config.targets
+    )
+
+
+def interceptor(config: LoraConfig, rng: jax.Array | None = None):
+    """Context in which `model.apply({"params": p, "lora": l}, ...)` runs the adapted model.
+
+    Use it directly to combine LoRA with other collections or interceptors; `apply` is the
+    short form. With `"lora"` mutable (`model.init`), the factors are created from `rng`.
+    """
+    return intercept.attach(rules(config, rng))
+
+
+def init_lora(model: nn.Module, config: LoraConfig, rng: jax.Array, *sample_args, **sample_kwargs):
+    """Creates the `"lora"` collection of `model` for `config`.
+
+    Args:
+      model: any `flax.linen` module.
+      config: the targets and ranks.
+      rng: key for the down factors; each layer uses `layer_key(rng, path)`.
+      *sample_args: sample inputs (arrays or `jax.ShapeDtypeStruct`; only shapes are used).
+      **sample_kwargs: further sample inputs; non-array values (`train=False`) pass unchanged.
+
+    Returns:
+      The `"lora"` pytree `{...module path...: {"lora_a": A, "lora_b": B}}`.
+
+    Raises:
+      ValueError: a target selected no layer (named), or the config adapts nothing.
+      TypeError: a target selected a leaf layer (parameters, no sub-modules) that is neither
+        nn.Conv nor nn.Dense, e.g. a LayerNorm (add a rank-0 exception before the target).
+    """
+    # Shapes come from an abstract init (no FLOPs, parameter values never computed); the factors
+    # are then drawn here with the same per-layer keys the in-module initialiser uses.
+    lora_rules = rules(config, rng)
+    with intercept.attach(lora_rules) as trace:
+        shapes = intercept.eval_shape_init(model, *sample_args, **sample_kwargs)
+    trace.check_all_rules_used(lora_rules)
+    if COLLECTION not in shapes:
+        raise ValueError(f"LoraConfig {config.targets} adapts no layer (all selected ranks are 0)")
+    spec = tuple(
+        (names, leaf.shape, jnp.dtype(leaf.dtype).name)
+        for names, leaf in traverse_util.flatten_dict(shapes[COLLECTION]).items()
+    )
+    return traverse_util.unflatten_dict(dict(zip((n for n, *_ in spec), _draw(rng, spec))))
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one compilation per model layout, not per factor
+def _draw(rng, spec):
+    return [
+        init_down(layer_key(rng, "/".join(names[:-1])), shape, dtype)
+        if names[-1] == DOWN
+        else jnp.zeros(shape, dtype)
+        for names, shape, dtype in spec
+    ]
+
+
+def apply(model: nn.Module, params, lora, config: LoraConfig, *args, **kwargs):
+    """`model.apply({"params": params, "lora": lora}, *args, **kwargs)` with the adapters on.
+
+    `kwargs` go to `model.apply`, so `rngs=`, `method=` and `mutable=` work as usual.
+    """
+    with interceptor(config):
+        return model.apply({"params": params, COLLECTION: lora}, *args, **kwargs)
+
+
+def _fold(params, lora, config: LoraConfig, sign: float):
+    flat_params = traverse_util.flatten_dict(params)
+    flat_lora = traverse_util.flatten_dict(lora)
+    layers = {names[:-1] for names in flat_lora}
+    out = dict(flat_params)
+    for layer in sorted(layers):
+        path = "/".join(layer)
+        if (*layer, DOWN) not in flat_lora or (*layer, UP) not in flat_lora:
+            raise ValueError(f"LoRA tree for layer {path!r} needs both {DOWN!r} and {UP!r}")
+        kernel = flat_params.get((*layer, "kernel"))
+        if kernel is None:
+            raise ValueError(f"LoRA layer {path!r} has no kernel in params ('{path}/kernel')")
+        down, up = flat_lora[(*layer, DOWN)], flat_lora[(*layer, UP)]
+        scale = config.scale(down.shape[-1])
+        delta = delta_kernel(down, up, kernel.shape) * scale
+        out[(*layer, "kernel")] = (kernel + sign * delta).astype(kernel.dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def merge(params, lora, config: LoraConfig):
+    """Params with `scale * dW` folded into every adapted kernel (for inference / export)."""
+    return _fold(params, lora, config, 1.0)
+
+
+def unmerge(merged, lora, config: LoraConfig):
+    """Inverse of `merge`: the base params back (up to float rounding)."""
+    return _fold(merged, lora, config, -1.0)
+
+
+def ranks(lora) -> dict[str, int]:
+    """`{layer path: rank}` of a `"lora"` pytree."""
+    flat = traverse_util.flatten_dict(lora)
+    return {"/".join(n[:-1]): int(v.shape[-1]) for n, v in flat.items() if n[-1] == DOWN}
+
+
+def targets_from_ranks(layer_ranks: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    """Exact-path targets (`re.escape`) for per-layer ranks, e.g. from CoLoRA's allocation."""
+    return tuple((re.escape(path), int(r)) for path, r in layer_ranks.items())
