@@ -1,0 +1,113 @@
+"""Charts of contributions per block and ranks per layer (PNG, matplotlib's Agg backend).
+
+`plot_block_contributions` draws the CoLoRA paper's real_fig3 view: one bar per block of the
+U-Net in forward order, coloured by stage (encoder / middle / decoder).
+"""
+
+import os
+from collections.abc import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on training machines
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ir_lora.colora.contributions import LayerScores  # noqa: E402
+from ir_lora.colora.ranks import RankAllocation  # noqa: E402
+
+STAGE_COLOURS: Mapping[str, str] = {
+    "encoder": "tab:blue",
+    "middle": "tab:gray",
+    "decoder": "tab:orange",
+    "other": "tab:green",
+}
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _legend(ax, stages):
+    handles = [plt.Rectangle((0, 0), 1, 1, color=STAGE_COLOURS.get(s, "black")) for s in stages]
+    ax.legend(handles, stages, loc="upper center")
+
+
+def plot_block_contributions(
+    scores: LayerScores, path: str, *, title: str = "Contribution per block", log: bool = False
+) -> str:
+    """Bar chart of `scores.blocks`, coloured by stage, written to `path` (PNG).
+
+    Args:
+      scores: `layer_scores` output.
+      path: the PNG file to write (folders are created).
+      title: the chart title.
+      log: log-scale y axis (middle blocks can be orders of magnitude below the ends).
+
+    Returns:
+      `path`.
+    """
+    names = list(scores.blocks)
+    if not names:
+        raise ValueError("plot_block_contributions: scores has no blocks")
+    stages = [scores.block_stage.get(n, "other") for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names)), 4.0))
+    colours = [STAGE_COLOURS.get(s, "black") for s in stages]
+    ax.bar(range(len(names)), [scores.blocks[n] for n in names], color=colours)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_ylabel("contribution (FAIG)")
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    _legend(ax, list(dict.fromkeys(stages)))
+    return _save(fig, path)
+
+
+def plot_ranks(
+    allocation: RankAllocation,
+    path: str,
+    *,
+    layer_stage: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> str:
+    """Bar chart of the rank of every layer, in the allocation's order, written to `path` (PNG).
+
+    Args:
+      allocation: `allocate_ranks` or `uniform_rank_for_budget` output.
+      path: the PNG file to write (folders are created).
+      layer_stage: module path -> stage for colours; default one colour.
+      title: the chart title; default the rule and the trainable share.
+
+    Returns:
+      `path`.
+    """
+    rows = allocation.rows
+    stages = [(layer_stage or {}).get(r.path, "other") for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows)), 4.0))
+    ax.bar(
+        range(len(rows)),
+        [r.rank for r in rows],
+        color=[STAGE_COLOURS.get(s, "black") for s in stages],
+    )
+    ax.set_xticks(range(len(rows)), [r.path for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("LoRA rank")
+    share = 100.0 * allocation.trainable_params / allocation.backbone_params
+    ax.set_title(title or f"{allocation.rule} ranks: {share:.2f}% trainable")
+    if layer_stage:
+        _legend(ax, list(dict.fromkeys(stages)))
+    return _save(fig, path)
+
+
+def layer_stages(scores: LayerScores) -> dict[str, str]:
+    """Module path -> stage of every scored layer, from the stage of the layer's block."""
+    out = {}
+    for layer in scores.layers:
+        block = next(
+            (b for b in scores.block_stage if layer == b or layer.startswith(b + "/")), None
+        )
+        out[layer] = scores.block_stage.get(block, "other") if block else "other"
+    return out
