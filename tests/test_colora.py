@@ -1,5 +1,6 @@
 """CoLoRA core: FAIG and gradient-norm contributions, their reductions, rank allocation, charts."""
 
+import functools
 import math
 import re
 
@@ -55,17 +56,22 @@ APPLY = lambda p, x: MODEL.apply({"params": p}, x)
 LOSS = colora.sum_squared_error(APPLY)
 
 
+@functools.cache
 def _setup(num_batches=1, batch_size=2, size=6):
-    keys = jax.random.split(jax.random.key(0), 4)
-    base = MODEL.init(keys[0], jnp.zeros((1, size, size, 3)))["params"]
-    leaves, treedef = jax.tree.flatten(base)
-    noise = jax.random.split(keys[1], len(leaves))
-    tuned = jax.tree.unflatten(
-        treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, noise)]
-    )
-    gt = jax.random.uniform(keys[2], (num_batches, batch_size, size, size, 3))
-    lq = gt + 0.1 * jax.random.normal(keys[3], gt.shape)
-    return base, tuned, {"lq": lq, "gt": gt}
+    """Params, a perturbed "fine-tuned" copy, and `(num_batches, batch_size)` image pairs.
+
+    Drawn with numpy: XLA:CPU compiles jax.random's threefry for every leaf, which took tens of
+    seconds on the shared 2-core test host.
+    """
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(MODEL.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    draw = lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32)
+    base = jax.tree.map(draw, shapes["params"])
+    tuned = jax.tree.map(lambda x: x + 0.05 * draw(x).astype(np.float32) / 0.3, base)
+    gt = rng.uniform(size=(num_batches, batch_size, size, size, 3)).astype(np.float32)
+    lq = gt + 0.1 * rng.standard_normal(gt.shape).astype(np.float32)
+    to_jax = lambda t: jax.tree.map(jnp.asarray, t)
+    return to_jax(base), to_jax(tuned), to_jax({"lq": lq, "gt": gt})
 
 
 def _reference_faig(base, tuned, batches, steps, per_image):
@@ -85,7 +91,7 @@ def _reference_faig(base, tuned, batches, steps, per_image):
         acc = jax.tree.map(lambda x: np.zeros(x.shape, np.float64), base_np)
         for s in range(steps):
             alpha = s / steps
-            point = jax.tree.map(lambda b, t: alpha * b + (1 - alpha) * t, base_np, tuned_np)
+            point = jax.tree.map(lambda b, t, a=alpha: a * b + (1 - a) * t, base_np, tuned_np)
             g = grad_fn(jax.tree.map(jnp.asarray, point), unit)
             acc = jax.tree.map(lambda a, x: a + np.asarray(x, np.float64), acc, g)
         ig = jax.tree.map(lambda b, t, a: np.abs((b - t) * a / steps), base_np, tuned_np, acc)

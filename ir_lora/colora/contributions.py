@@ -23,7 +23,7 @@ so it runs sharded exactly like a training step when `batches` is a global array
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
