@@ -360,6 +360,10 @@ def test_impossible_budgets_raise_clear_errors():
         colora.allocate_ranks(scores, params, budget_fraction=1.5)
     with pytest.raises(ValueError, match="not adaptable kernels"):
         colora.allocate_ranks({"nope/conv": 1.0}, params)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        colora.allocate_ranks(scores, params, beta=-0.1)
+    with pytest.raises(ValueError, match="finite"):
+        colora.allocate_ranks({**scores, "downs_0": float("nan")}, params)
     with pytest.raises(ValueError, match="within"):  # one layer: rank steps of 1,088 params
         colora.allocate_ranks({"downs_0": 1.0}, params, budget_params=1500, tune_bias_norm=False)
 
@@ -402,3 +406,35 @@ def test_faig_to_ranks_end_to_end_on_the_tiny_net(tmp_path):
             data = f.read()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
     assert plot.layer_stages(scores)["middle_blks/blocks_0/conv2"] == "middle"
+
+
+def test_forward_order_of_blocks():
+    stage = {
+        "intro": "encoder",
+        "encoders_0/blocks_10": "encoder",
+        "encoders_0/blocks_2": "encoder",
+    }
+    stage |= {
+        "middle_blks/blocks_0": "middle",
+        "ending": "decoder",
+        "decoders_0/blocks_0": "decoder",
+    }
+    names = sorted(stage)
+    assert plot.forward_order(names, stage) == [
+        "encoders_0/blocks_2",
+        "encoders_0/blocks_10",
+        "intro",
+        "middle_blks/blocks_0",
+        "decoders_0/blocks_0",
+        "ending",
+    ]
+    calls = ["intro", "encoders_0/blocks_2/conv1", "encoders_0/blocks_10/conv1"]
+    calls += ["middle_blks/blocks_0/conv1", "decoders_0/blocks_0/conv1", "ending"]
+    assert plot.forward_order(names, stage, calls) == [
+        "intro",
+        "encoders_0/blocks_2",
+        "encoders_0/blocks_10",
+        "middle_blks/blocks_0",
+        "decoders_0/blocks_0",
+        "ending",
+    ]

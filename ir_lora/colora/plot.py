@@ -5,7 +5,8 @@ U-Net in forward order, coloured by stage (encoder / middle / decoder).
 """
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -24,6 +25,38 @@ STAGE_COLOURS: Mapping[str, str] = {
 }
 
 
+_STAGE_ORDER = ("encoder", "middle", "decoder")
+
+
+def forward_order(
+    names: Sequence[str], stage_of: Mapping[str, str], order: Sequence[str] | None = None
+) -> list[str]:
+    """Blocks or layers in forward order.
+
+    Params trees come back with sorted keys, so the forward order is lost. With `order` (module
+    paths in call order, e.g. the keys of `ir_lora.peft.intercept.module_paths(model, x)`) a name
+    sorts by the first path equal to it or under it; otherwise by stage (encoder, middle,
+    decoder, other), then naturally (blocks_2 before blocks_10) within a stage.
+    """
+
+    def natural(name):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+    def stage_key(name):
+        stage = stage_of.get(name, "other")
+        rank = _STAGE_ORDER.index(stage) if stage in _STAGE_ORDER else len(_STAGE_ORDER)
+        return (rank, natural(name))
+
+    if order is None:
+        return sorted(names, key=stage_key)
+    position = {}
+    for i, path in enumerate(order):
+        for name in names:
+            if name not in position and (path == name or path.startswith(name + "/")):
+                position[name] = i
+    return sorted(names, key=lambda n: (position.get(n, len(order)), stage_key(n)))
+
+
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
@@ -38,20 +71,26 @@ def _legend(ax, stages):
 
 
 def plot_block_contributions(
-    scores: LayerScores, path: str, *, title: str = "Contribution per block", log: bool = False
+    scores: LayerScores,
+    path: str,
+    *,
+    order: Sequence[str] | None = None,
+    title: str = "Contribution per block",
+    log: bool = False,
 ) -> str:
     """Bar chart of `scores.blocks`, coloured by stage, written to `path` (PNG).
 
     Args:
       scores: `layer_scores` output.
       path: the PNG file to write (folders are created).
+      order: module paths in forward order, see `forward_order`.
       title: the chart title.
       log: log-scale y axis (middle blocks can be orders of magnitude below the ends).
 
     Returns:
       `path`.
     """
-    names = list(scores.blocks)
+    names = forward_order(list(scores.blocks), scores.block_stage, order)
     if not names:
         raise ValueError("plot_block_contributions: scores has no blocks")
     stages = [scores.block_stage.get(n, "other") for n in names]
@@ -72,6 +111,7 @@ def plot_ranks(
     path: str,
     *,
     layer_stage: Mapping[str, str] | None = None,
+    order: Sequence[str] | None = None,
     title: str | None = None,
 ) -> str:
     """Bar chart of the rank of every layer, in the allocation's order, written to `path` (PNG).
@@ -79,13 +119,16 @@ def plot_ranks(
     Args:
       allocation: `allocate_ranks` or `uniform_rank_for_budget` output.
       path: the PNG file to write (folders are created).
-      layer_stage: module path -> stage for colours; default one colour.
+      layer_stage: module path -> stage for colours and order (`layer_stages`); default one
+        colour.
+      order: module paths in forward order, see `forward_order`.
       title: the chart title; default the rule and the trainable share.
 
     Returns:
       `path`.
     """
-    rows = allocation.rows
+    by_path = {r.path: r for r in allocation.rows}
+    rows = [by_path[p] for p in forward_order(list(by_path), layer_stage or {}, order)]
     stages = [(layer_stage or {}).get(r.path, "other") for r in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows)), 4.0))
     ax.bar(

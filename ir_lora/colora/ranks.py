@@ -113,6 +113,13 @@ def _sizes(params) -> tuple[int, int]:
     return total, total - kernels
 
 
+def _check_budget(budget_fraction: float, budget_params: int | None) -> None:
+    if budget_params is None and not budget_fraction > 0:
+        raise ValueError(f"budget_fraction must be > 0, got {budget_fraction}")
+    if budget_params is not None and budget_params <= 0:
+        raise ValueError(f"budget_params must be > 0, got {budget_params}")
+
+
 def _round_half_up(x: np.ndarray) -> np.ndarray:
     return np.floor(x + 0.5).astype(np.int64)
 
@@ -181,6 +188,11 @@ def allocate_ranks(
     """
     if rule not in ("delta", "proportional"):
         raise ValueError(f"rule must be 'delta' or 'proportional', got {rule!r}")
+    if not (0.0 <= delta_min <= 1.0 and 0.0 <= beta <= 1.0):
+        raise ValueError(f"beta and delta_min must lie in [0, 1], got {beta=}, {delta_min=}")
+    if r_min < 0 or tolerance <= 0:
+        raise ValueError(f"r_min must be >= 0 and tolerance > 0, got {r_min=}, {tolerance=}")
+    _check_budget(budget_fraction, budget_params)
     layers = adaptable_layers(params)
     unknown = [p for p in scores if p not in layers]
     if unknown:
@@ -291,6 +303,7 @@ def uniform_rank_for_budget(
     Returns:
       A `RankAllocation` with rule "uniform" and `knob` the rank (c_i and c_hat set to 1).
     """
+    _check_budget(budget_fraction, budget_params)
     all_layers = adaptable_layers(params)
     paths = list(all_layers) if layers is None else list(layers)
     unknown = [p for p in paths if p not in all_layers]
