@@ -12,7 +12,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on training machines
 
+import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from flax import linen as nn  # noqa: E402
 
 from ir_lora.colora.contributions import LayerScores  # noqa: E402
 from ir_lora.colora.ranks import RankAllocation  # noqa: E402
@@ -26,6 +28,24 @@ STAGE_COLOURS: Mapping[str, str] = {
 
 
 _STAGE_ORDER = ("encoder", "middle", "decoder")
+
+
+def call_order(model: nn.Module, *args, **kwargs) -> list[str]:
+    """ "/"-joined paths of the submodules of `model` in the order they are first called.
+
+    Traced with `jax.eval_shape` (nothing is computed); the `order` for the charts.
+    """
+    paths: list[str] = []
+
+    def record(next_fun, call_args, call_kwargs, context):
+        path = "/".join(context.module.path)
+        if path and path not in paths:
+            paths.append(path)
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+    return paths
 
 
 def forward_order(
@@ -67,7 +87,7 @@ def _save(fig, path: str) -> str:
 
 def _legend(ax, stages):
     handles = [plt.Rectangle((0, 0), 1, 1, color=STAGE_COLOURS.get(s, "black")) for s in stages]
-    ax.legend(handles, stages, loc="upper center")
+    ax.legend(handles, stages, loc="best")
 
 
 def plot_block_contributions(
