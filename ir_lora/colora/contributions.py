@@ -129,7 +129,8 @@ def faig(
     if per_image:
         # One image per scan step. A vmap over the images would be faster, but XLA's SPMD
         # partitioner gets the per-example conv kernel gradient (a batch-grouped conv) wrong when
-        # the image axis is sharded (measured with jax 0.10.2 on 8 CPU devices).
+        # the image axis is sharded: silently wrong values with jax 0.10.2 on 8 CPU devices (cf.
+        # jax-ml/jax#32157, vmap(grad) of a conv on sharded inputs).
         batches = jax.tree.map(
             lambda x: x.reshape((num_batches * batch_size, 1) + x.shape[2:]), batches
         )
@@ -198,9 +199,7 @@ def _filter_sums(x: np.ndarray, filter: str) -> np.ndarray:
         return x.reshape(-1)
     if filter == "output":
         return x.reshape(-1, x.shape[-1]).sum(axis=0)
-    if (
-        filter == "kernel_slice"
-    ):  # the official (C_out, C_in) slices of a (kh, kw, Cin, Cout) kernel
+    if filter == "kernel_slice":  # the official code's (C_out, C_in) slices, each (kh, kw)
         return x.reshape(-1, x.shape[-2] * x.shape[-1]).sum(axis=0)
     raise ValueError(f"filter must be 'output' or 'kernel_slice', got {filter!r}")
 
@@ -231,10 +230,11 @@ class LayerScores:
 
     Attributes:
       layers: module path ("encoders_0/blocks_0/conv1") -> score, for every adaptable layer
-        (every `kernel` leaf), in the params' order. These size the LoRA ranks.
+        (every `kernel` leaf), in path order (jax flattens dicts by sorted key; see
+        `plot.call_order` for the forward order). These size the LoRA ranks.
       leaves: parameter path ("encoders_0/blocks_0/conv1/bias") -> score, every leaf.
       groups: parameter group (Conv / Bias / Norm / Variables) -> score over all its leaves.
-      blocks: block ("encoders_0/blocks_1", "intro") -> score over all its leaves, params' order.
+      blocks: block ("encoders_0/blocks_1", "intro") -> score over all its leaves.
       stages: stage (encoder / middle / decoder / other) -> score over all its leaves.
       block_stage: block -> its stage, for colour-coding the per-block chart.
     """
