@@ -12,46 +12,55 @@ from ir_lora.adapters.adaptir import AdaptIR
 
 def _init(module, x, seed=0):
     init = jax.jit(lambda key, x: module.init(key, x, use_running_average=True))
-    return init(jax.random.key(seed), x)
+    return init(jax.random.key(seed, impl="rbg"), x)
 
 
 def _count(tree) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("norm", adaptir.NORMS)
+@pytest.mark.parametrize("norm", ["layer", "batch"])
 def test_zero_output_at_init_and_shape(norm):
-    x = jax.random.normal(jax.random.key(1), (2, 8, 6, 16))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 6, 16)), jnp.float32)
     module = AdaptIR(features=16, hidden=8, reduction=4, norm=norm)
-    variables = _init(module, x)
-    y = jax.jit(lambda v, x: module.apply(v, x, use_running_average=True))(variables, x)
+
+    @jax.jit
+    def init_and_apply(key, x):
+        variables = module.init(key, x, use_running_average=True)
+        return module.apply(variables, x, use_running_average=True)
+
+    y = init_and_apply(jax.random.key(0, impl="rbg"), x)
     assert y.shape == x.shape
     assert np.all(np.asarray(y) == 0.0)
 
 
 def test_gradients_finite_at_zero_amplitude():
     module = AdaptIR(features=16, hidden=8, reduction=4)
-    x0 = jax.random.normal(jax.random.key(2), (2, 8, 8, 16))
-    variables = _init(module, x0)
-    # A non-zero tail so that every branch receives gradient.
-    params = jax.tree.map(lambda p: p, variables["params"])
-    params["tail"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(3), (1, 1, 8, 16))
-    params["spatial_gate"]["kernel"] = jnp.full((1, 1, 8, 1), 0.2)
+    rng = np.random.default_rng(2)
+    x0 = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.float32)
+    tail = jnp.asarray(0.1 * rng.normal(size=(1, 1, 8, 16)), jnp.float32)
 
-    def loss(p, x):
-        return jnp.sum(module.apply({"params": p}, x) ** 2)
+    @jax.jit
+    def grads_at(x):
+        params = module.init(jax.random.key(0, impl="rbg"), x)["params"]
+        # A non-zero tail and spatial gate so that every branch receives gradient.
+        params["tail"]["kernel"] = tail
+        params["spatial_gate"]["kernel"] = jnp.full((1, 1, 8, 1), 0.2)
+        loss = lambda p, x: jnp.sum(module.apply({"params": p}, x) ** 2)
+        return jax.grad(loss, argnums=(0, 1))(params, x)
 
-    zeros = jnp.zeros((2, 8, 8, 16))
-    constant = jnp.full((2, 8, 8, 16), 0.7)
-    sparse = x0.at[:, :4].set(0.0)
-    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    for x in (zeros, constant, sparse):
-        grads = grad_fn(params, x)
+    inputs = {
+        "zeros": jnp.zeros_like(x0),
+        "constant": jnp.full_like(x0, 0.7),
+        "sparse": x0.at[:, :4].set(0.0),
+    }
+    for name, x in inputs.items():
+        grads = grads_at(x)
         for leaf in jax.tree.leaves(grads):
-            assert np.all(np.isfinite(np.asarray(leaf)))
-    # A constant image has one non-zero coefficient per channel; its gradient must not vanish.
-    grads, _ = grad_fn(params, constant)
-    assert float(jnp.abs(grads["amp_scale"]).sum()) > 0
+            assert np.all(np.isfinite(np.asarray(leaf))), name
+        if name == "constant":
+            # One non-zero coefficient per channel; its gradient must not vanish.
+            assert float(jnp.abs(grads[0]["amp_scale"]).sum()) > 0
 
 
 def test_safe_polar_matches_abs_and_angle():
@@ -124,17 +133,15 @@ def _torch_reference(params, stats, x_nhwc):
 
 def test_matches_torch_transcription_of_official_forward():
     module = AdaptIR(features=12, hidden=8, reduction=4, norm="batch")
-    x = jax.random.normal(jax.random.key(4), (2, 6, 10, 12))
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 6, 10, 12)), jnp.float32)
     variables = _init(module, x)
     # Perturb every parameter (including the zero-init ones) and the running statistics.
-    leaves, treedef = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(5), len(leaves))
-    noisy = [
-        leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys, strict=True)
-    ]
-    variables = jax.tree.unflatten(treedef, noisy)
+    variables = jax.tree.map(
+        lambda v: jnp.asarray(v + 0.3 * rng.normal(size=v.shape), jnp.float32), variables
+    )
     variables["batch_stats"]["norm"]["var"] = 1.0 + jnp.abs(variables["batch_stats"]["norm"]["var"])
-    y = module.apply(variables, x, use_running_average=True)
+    y = jax.jit(lambda v, x: module.apply(v, x, use_running_average=True))(variables, x)
     want = _torch_reference(variables["params"], variables["batch_stats"], x)
     np.testing.assert_allclose(np.asarray(y), want, atol=2e-5, rtol=1e-4)
 

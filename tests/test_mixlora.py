@@ -21,16 +21,23 @@ CONVS = {
 }
 
 
+def _normal(rng, *shape):
+    return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+
 def _setup(kernel_hw, cin, cout, groups, batch, num_experts=3, rank=2, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 6)
+    rng = np.random.default_rng(seed)
     kernel_shape = (*kernel_hw, cin // groups, cout)
-    x = jax.random.normal(keys[0], (batch, 7, 6, cin))
-    kernel = jax.random.normal(keys[1], kernel_shape)
-    bias = jax.random.normal(keys[2], (cout,))
-    factors = mixlora.init_factors(keys[3], kernel_shape, rank=rank, num_experts=num_experts)
-    up = jax.random.normal(keys[4], factors["up"].shape)  # non-zero experts
-    weights = jax.nn.softmax(jax.random.normal(keys[5], (batch, num_experts)), axis=-1)
-    return x, kernel, bias, factors["down"], up, weights
+    down_shape, up_shape = mixlora.factor_shapes(kernel_shape, rank=rank, num_experts=num_experts)
+    weights = rng.dirichlet(np.ones(num_experts), size=batch)
+    return (
+        _normal(rng, batch, 7, 6, cin),
+        _normal(rng, *kernel_shape),
+        _normal(rng, cout),
+        _normal(rng, *down_shape),
+        _normal(rng, *up_shape),  # non-zero experts
+        jnp.asarray(weights, jnp.float32),
+    )
 
 
 def _lax_conv(x, kernel, config):
@@ -62,9 +69,10 @@ def test_conv_paths_agree_with_lax_sum_of_branches(name, batch):
     for e, delta in enumerate(deltas):
         want = want + scale * weights[:, e, None, None, None] * _lax_conv(x, delta, config)
     for path in mixlora.PATHS:
-        got = mixlora.mix_conv(
-            x, kernel, down, up, weights, bias=bias, scale=scale, path=path, **config
+        fn = jax.jit(
+            lambda *a, path=path: mixlora.mix_conv(*a, bias=bias, scale=scale, path=path, **config)
         )
+        got = fn(x, kernel, down, up, weights)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=path)
 
@@ -108,12 +116,10 @@ def test_merged_path_equals_numpy_reference_for_one_sample():
 
 @pytest.mark.parametrize("shape", [(1, 5), (3, 5), (2, 4, 3, 5)])
 def test_dense_paths_agree_with_reference(shape):
-    keys = jax.random.split(jax.random.key(1), 5)
-    x = jax.random.normal(keys[0], shape)
-    kernel = jax.random.normal(keys[1], (5, 7))
-    factors = mixlora.init_factors(keys[2], (5, 7), rank=3, num_experts=4)
-    down, up = factors["down"], jax.random.normal(keys[3], factors["up"].shape)
-    weights = mixlora.route(jax.random.normal(keys[4], (shape[0], 4)), mode="topk", k=2)
+    rng = np.random.default_rng(1)
+    x, kernel = _normal(rng, *shape), _normal(rng, 5, 7)
+    down, up = _normal(rng, 4, 5, 3), _normal(rng, 4, 3, 7)
+    weights = mixlora.route(_normal(rng, shape[0], 4), mode="topk", k=2)
     xs, a, b, w = (np.asarray(t, np.float64) for t in (x, down, up, weights))
     want = np.stack(
         [
@@ -122,15 +128,21 @@ def test_dense_paths_agree_with_reference(shape):
         ]
     )
     for path in mixlora.PATHS:
-        got = mixlora.mix_dense(x, kernel, down, up, weights, scale=2.0, path=path)
+        fn = jax.jit(lambda *a, path=path: mixlora.mix_dense(*a, scale=2.0, path=path))
+        got = fn(x, kernel, down, up, weights)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=path)
 
 
 def test_zero_up_factors_leave_the_layer_unchanged():
     kernel_hw, cin, cout, groups, config = CONVS["3x3"]
-    x, kernel, bias, down, _, weights = _setup(kernel_hw, cin, cout, groups, batch=2)
-    up = mixlora.init_factors(jax.random.key(0), kernel.shape, rank=2, num_experts=3)["up"]
-    got = mixlora.mix_conv(x, kernel, down, up, weights, bias=bias, **config)
+    x, kernel, bias, _, _, weights = _setup(kernel_hw, cin, cout, groups, batch=2)
+    factors = mixlora.init_factors(
+        jax.random.key(0, impl="rbg"), kernel.shape, rank=2, num_experts=3
+    )
+    assert factors["down"].shape == (3, 3 * 3 * 4, 2) and factors["up"].shape == (3, 2, 6)
+    bound = 1 / np.sqrt(3 * 3 * 4)
+    assert float(jnp.abs(factors["down"]).max()) <= bound and float(factors["down"].std()) > 0
+    got = mixlora.mix_conv(x, kernel, factors["down"], factors["up"], weights, bias=bias, **config)
     np.testing.assert_array_equal(got, mixlora.conv(x, kernel, **config) + bias)
 
 
@@ -142,7 +154,7 @@ def test_gradients_reach_every_expert_in_both_paths():
         y = mixlora.mix_conv(x, kernel, factors[0], factors[1], weights, path=path, **config)
         return jnp.sum(y**2)
 
-    grads = {p: jax.grad(loss)((down, up), p) for p in mixlora.PATHS}
+    grads = {p: jax.jit(jax.grad(loss), static_argnums=1)((down, up), p) for p in mixlora.PATHS}
     for g_branch, g_merged in zip(grads["branches"], grads["merged"], strict=True):
         np.testing.assert_allclose(g_branch, g_merged, rtol=1e-4, atol=1e-3)
         assert np.all(np.abs(np.asarray(g_branch)).sum(axis=(1, 2)) > 0)
@@ -176,7 +188,7 @@ def test_route_modes():
 
 @pytest.mark.parametrize("normalize", ["softmax", "sum"])
 def test_similarity_route_picks_matching_prototype(normalize):
-    prototypes = jax.random.normal(jax.random.key(2), (5, 16))
+    prototypes = jax.random.normal(jax.random.key(2, impl="rbg"), (5, 16))
     for j in range(5):
         embedding = 3.0 * prototypes[j][None] + 0.0
         w1 = np.asarray(mixlora.similarity_route(embedding, prototypes, k=1, normalize=normalize))
