@@ -214,3 +214,38 @@ def test_bad_shapes_raise():
         mixlora.mix_conv(x, kernel, down, up, weights[:1], **config)
     with pytest.raises(ValueError, match="do not fit kernel"):
         mixlora.mix_conv(x, kernel, down[:, :5], up, weights, **config)
+
+
+@pytest.mark.parametrize("cin,cout,groups", [(4, 6, 1), (6, 6, 6)])
+def test_loralib_experts_match_torch_conv(cin, cout, groups):
+    """LoRA-IR's ConvMixLoRA layout, computed in PyTorch the way the official layer does."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    experts, rank, k, batch = 3, 2, 3, 2
+    lora_a = rng.normal(size=(experts, rank * k, cin * k))
+    lora_b = rng.normal(size=(experts, cout // groups * k, rank * k))
+    w0 = rng.normal(size=(cout, cin // groups, k, k))
+    x = rng.normal(size=(batch, cin, 7, 5))
+    weights = rng.dirichlet(np.ones(experts), size=batch)
+    t = torch.from_numpy
+    want = []
+    for n in range(batch):
+        delta = sum(
+            weights[n, e] * (t(lora_b[e]) @ t(lora_a[e])).view(cout, cin // groups, k, k)
+            for e in range(experts)
+        )
+        y = torch.nn.functional.conv2d(
+            t(x[n : n + 1]), t(w0) + 2.0 * delta, padding=1, groups=groups
+        )
+        want.append(y.permute(0, 2, 3, 1).numpy()[0])
+    kernel_shape = (k, k, cin // groups, cout)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    deltas = mixlora.from_loralib(f32(lora_a), f32(lora_b), kernel_shape)
+    kernel = f32(w0.transpose(2, 3, 1, 0))
+    xs = f32(x.transpose(0, 2, 3, 1))
+    for path in mixlora.PATHS:
+        got = mixlora.mix_conv_deltas(
+            xs, kernel, deltas, f32(weights), scale=2.0, path=path, padding=1,
+            feature_group_count=groups,
+        )  # fmt: skip
+        np.testing.assert_allclose(got, np.stack(want), atol=2e-4, rtol=1e-5, err_msg=path)

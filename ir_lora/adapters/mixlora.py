@@ -221,6 +221,8 @@ def conv(
 
 def conv_kwargs(module) -> dict[str, Any]:
     """The `mix_conv` keywords that reproduce a 2-D `flax.linen.Conv` (or `layers.Conv`)."""
+    if module.input_dilation not in (None, 1, (1, 1)) or getattr(module, "mask", None) is not None:
+        raise ValueError(f"mixlora: {module.name}: input_dilation and mask are not supported")
     return {
         "strides": module.strides if module.strides is not None else 1,
         "padding": module.padding,
@@ -250,18 +252,24 @@ def conv_mixture_delta(
         hidden = hidden.reshape((*hidden.shape[:-1], num_experts, rank))
         hidden = hidden * weights[:, None, None, :, None]
         out = _matmul_last(hidden.reshape((*hidden.shape[:-2], -1)), up.reshape(-1, up.shape[-1]))
-    else:
-        deltas = delta_kernels(down, up, kernel_shape).astype(x.dtype)
-        out = sum(
-            weights[:, e, None, None, None] * conv(x, deltas[e], **conv_config)
-            for e in range(num_experts)
-        )
+        return scale * out
+    return _delta_branches(x, delta_kernels(down, up, kernel_shape), weights, scale, conv_config)
+
+
+def _delta_branches(x, deltas, weights, scale, conv_config):
+    deltas = deltas.astype(x.dtype)
+    out = sum(
+        weights[:, e, None, None, None] * conv(x, deltas[e], **conv_config)
+        for e in range(deltas.shape[0])
+    )
     return scale * out
 
 
 def dense_mixture_delta(x, down, up, weights, *, scale: float = 1.0) -> jax.Array:
     """`scale * sum_e w[:, e] * (x @ A_e @ B_e)` for x `(N, ..., Cin)`."""
     num_experts, cin, rank = down.shape
+    if x.shape[-1] != cin:
+        raise ValueError(f"mixlora: dense input {x.shape} does not end in Cin = {cin}")
     _check_factors(down, up, (cin, up.shape[-1]))
     _check_weights(weights, x.shape[0], num_experts)
     hidden = _matmul_last(x, down.transpose(1, 0, 2).reshape(cin, num_experts * rank))
@@ -273,8 +281,11 @@ def dense_mixture_delta(x, down, up, weights, *, scale: float = 1.0) -> jax.Arra
 
 def merged_kernels(kernel, down, up, weights, *, scale: float = 1.0) -> jax.Array:
     """Per-sample kernels `(N, *kernel.shape)`: `W_n = W0 + scale * sum_e w[n, e] dW_e`."""
-    deltas = delta_kernels(down, up, kernel.shape)
-    _check_weights(weights, weights.shape[0], down.shape[0])
+    return _merge(kernel, delta_kernels(down, up, kernel.shape), weights, scale)
+
+
+def _merge(kernel, deltas, weights, scale):
+    _check_weights(weights, weights.shape[0], deltas.shape[0])
     mixed = jnp.tensordot(weights.astype(deltas.dtype), deltas, axes=1, precision=HIGHEST)
     return kernel[None] + scale * mixed
 
@@ -303,18 +314,60 @@ def mix_conv(
       path: "branches" or "merged" (module docstring).
       **conv_config: strides, padding, kernel_dilation, feature_group_count (`conv_kwargs`).
     """
-    if path == "branches":
+    groups = conv_config.get("feature_group_count", 1)
+    if path == "branches" and groups == 1:
         y = conv(x, kernel, **conv_config)
         y = y + conv_mixture_delta(
             x, down, up, weights, kernel_shape=kernel.shape, scale=scale, **conv_config
         )
+        return y if bias is None else y + bias
+    deltas = delta_kernels(down, up, kernel.shape)
+    return mix_conv_deltas(
+        x, kernel, deltas, weights, bias=bias, scale=scale, path=path, **conv_config
+    )
+
+
+def mix_conv_deltas(
+    x: jax.Array,
+    kernel: jax.Array,
+    deltas: jax.Array,
+    weights: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    scale: float = 1.0,
+    path: str = "branches",
+    **conv_config,
+) -> jax.Array:
+    """`mix_conv` with full expert kernels `deltas (E, *kernel.shape)` (e.g. `from_loralib`)."""
+    if deltas.shape[1:] != kernel.shape:
+        raise ValueError(f"mixlora: deltas {deltas.shape} must be (E, *{kernel.shape})")
+    _check_weights(weights, x.shape[0], deltas.shape[0])
+    if path == "branches":
+        y = conv(x, kernel, **conv_config) + _delta_branches(x, deltas, weights, scale, conv_config)
     elif path == "merged":
-        _check_weights(weights, x.shape[0], down.shape[0])
-        kernels = merged_kernels(kernel, down, up, weights, scale=scale).astype(x.dtype)
+        kernels = _merge(kernel, deltas, weights, scale).astype(x.dtype)
         y = jax.vmap(lambda xn, kn: conv(xn[None], kn, **conv_config)[0])(x, kernels)
     else:
         raise ValueError(f"mix_conv: path must be one of {PATHS}, got {path!r}")
     return y if bias is None else y + bias
+
+
+def from_loralib(lora_a: jax.Array, lora_b: jax.Array, kernel_shape: Sequence[int]) -> jax.Array:
+    """LoRA-IR's `ConvMixLoRA` expert factors to HWIO expert kernels `(E, *kernel_shape)`.
+
+    The official factors are `lora_A (E, r*k, Cin*k)` and `lora_B (E, Cout/g*k, r*k)` with
+    `dW_e = (B_e @ A_e).view(Cout, Cin/g, k, k)` (OIHW; times alpha/r at use, pass it as
+    `scale`). That view mixes rows and columns, so `dW_e` is not rank r in this module's
+    `(k_in, Cout)` layout: load released experts as full kernels and use `mix_conv_deltas`.
+    """
+    kh, kw, cin_g, cout = kernel_shape
+    product = jnp.matmul(lora_b, lora_a, precision=HIGHEST)
+    if product.size != lora_a.shape[0] * kh * kw * cin_g * cout:
+        raise ValueError(
+            f"from_loralib: B @ A {product.shape} cannot be viewed as kernel {tuple(kernel_shape)}"
+        )
+    oihw = product.reshape(lora_a.shape[0], cout, cin_g, kh, kw)
+    return oihw.transpose(0, 3, 4, 2, 1)
 
 
 def mix_dense(
