@@ -27,9 +27,9 @@ official module (torch defaults: momentum 0.1, eps 1e-5; running statistics in `
 selected with `use_running_average`) for loading the released weights; `norm="none"` drops it.
 
 Phase of zero-amplitude coefficients: `angle(F)` has an undefined gradient where `|F| = 0` (a
-constant image has only its DC coefficient). Coefficients with `|F| <= phase_eps` are given phase
-0 and magnitude gradient 0; at the default 1e-6 they are at float32 round-off for O(1) features, so
-their phase is noise anyway.
+constant image has only its DC coefficient). Coefficients with `|F| <= phase_eps` are treated as
+exact zeros (magnitude 0, phase 0, no gradient); at the default 1e-6 they are at float32 round-off
+for O(1) features, so their phase is noise anyway.
 
 Parameter names follow the official module where one exists (`head`, `conv_weight_A`,
 `conv_weight_B`, `conv_bias`, `compress`, `tail`); torch's `amp_fuse`/`pha_fuse` depthwise 1x1
@@ -90,7 +90,7 @@ def _self_conjugate(shape: tuple[int, ...], full_size: tuple[int, int]) -> np.nd
 def safe_polar(
     spectrum: jax.Array, eps: float, full_size: tuple[int, int] | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """`(|F|, angle(F))` with finite gradients everywhere; phase 0 where `|F| <= eps`.
+    """`(|F|, angle(F))` with finite gradients everywhere; `(0, 0)` where `|F| <= eps`.
 
     Phases lie in (-pi, pi]; a zero imaginary part counts as +0. With `full_size=(H, W)`,
     `spectrum` is `rfft2` of a real `(N, H, W, C)` array and its self-conjugate bins are taken
@@ -123,7 +123,7 @@ class AdaptIR(nn.Module):
       reduction: the channel-gate bottleneck is h // reduction wide (official: 8 IPT, 4 EDT).
       norm: "layer" (default), "batch" (official) or "none"; see the module docstring.
       use_running_average: BatchNorm mode when norm="batch" (also accepted at call time).
-      phase_eps: magnitudes at or below it get phase 0 (finite gradients at zero amplitude).
+      phase_eps: coefficients with |F| at or below it count as 0 (finite gradients at |F| = 0).
       dtype: computation dtype (None: inferred from the input and parameters).
     """
 
