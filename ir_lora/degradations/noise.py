@@ -20,6 +20,40 @@ def _mix_channels(key, z) -> jnp.ndarray:
     return z @ mix.T
 
 
+def gaussian_field(key, shape, kind) -> jnp.ndarray:
+    """Unit-variance normal noise of `shape`, of the given `kind` (may be traced)."""
+    k_z, k_mix = jax.random.split(key)
+    return shape_noise(k_mix, jax.random.normal(k_z, shape), kind)
+
+
+def shape_noise(key, z, kind) -> jnp.ndarray:
+    """Turns an i.i.d. standard normal field `z` into colour, grey or correlated noise."""
+    # Built from one field for all three kinds (only one is kept): a smaller, faster program.
+    grey = jnp.broadcast_to(z[..., :1], z.shape)
+    correlated = _mix_channels(key, z)
+    kind = jnp.asarray(kind)
+    return jnp.where(kind == GREY, grey, jnp.where(kind == CORRELATED, correlated, z))
+
+
+def add_gaussian(image, z, sigma) -> jnp.ndarray:
+    return clip01(image + jnp.asarray(sigma, jnp.float32) * z)
+
+
+def add_poisson(image, z, scale) -> jnp.ndarray:
+    """Shot noise from a standard normal field `z`: rounded Gaussian with the Poisson moments."""
+    scale = jnp.maximum(jnp.asarray(scale, jnp.float32), 1e-3)
+    lam = jnp.clip(image, 0.0, 1.0) * scale
+    # jax.random.poisson samples by per-element rejection loops (about 20x slower here on 16 images
+    # of 256x256). The rounded, non-negative Gaussian with the Poisson mean and variance keeps the
+    # signal-dependent variance that matters for restoration and the program loop-free.
+    counts = jnp.maximum(jnp.round(lam + jnp.sqrt(lam) * z), 0.0)
+    return clip01(counts / scale)
+
+
+def add_speckle(image, z, sigma) -> jnp.ndarray:
+    return clip01(image * (1.0 + jnp.asarray(sigma, jnp.float32) * z))
+
+
 @per_image
 def gaussian_noise(key, image, *, sigma, kind=COLOUR):
     """Adds zero-mean Gaussian noise of standard deviation `sigma` (image units, [0, 1] scale).
@@ -31,30 +65,16 @@ def gaussian_noise(key, image, *, sigma, kind=COLOUR):
       kind: `COLOUR` (independent channels), `GREY` (one field shared by all channels) or
         `CORRELATED` (random channel mixing, same per-channel variance); may be traced.
     """
-    k_z, k_mix = jax.random.split(key)
-    # One normal field serves all three kinds (only one is kept), which keeps the program small.
-    colour = jax.random.normal(k_z, image.shape)
-    grey = jnp.broadcast_to(colour[..., :1], image.shape)
-    correlated = _mix_channels(k_mix, colour)
-    kind = jnp.asarray(kind)
-    n = jnp.where(kind == GREY, grey, jnp.where(kind == CORRELATED, correlated, colour))
-    return clip01(image + jnp.asarray(sigma, jnp.float32) * n)
+    return add_gaussian(image, gaussian_field(key, image.shape, kind), sigma)
 
 
 @per_image
 def poisson_noise(key, image, *, scale):
     """Shot noise, `Poisson(image * scale) / scale` (BSRGAN: scale = 10**U(2, 4)), approximated."""
-    scale = jnp.maximum(jnp.asarray(scale, jnp.float32), 1e-3)
-    lam = jnp.clip(image, 0.0, 1.0) * scale
-    # jax.random.poisson samples by per-element rejection loops (about 20x slower here on 16 images
-    # of 256x256). The rounded, non-negative Gaussian with the Poisson mean and variance keeps the
-    # signal-dependent variance that matters for restoration and the program loop-free.
-    counts = jnp.maximum(jnp.round(lam + jnp.sqrt(lam) * jax.random.normal(key, lam.shape)), 0.0)
-    return clip01(counts / scale)
+    return add_poisson(image, jax.random.normal(key, image.shape), scale)
 
 
 @per_image
 def speckle_noise(key, image, *, sigma):
     """Multiplicative noise: `image * (1 + sigma * n)` with n standard normal."""
-    n = jax.random.normal(key, image.shape)
-    return clip01(image * (1.0 + jnp.asarray(sigma, jnp.float32) * n))
+    return add_speckle(image, jax.random.normal(key, image.shape), sigma)

@@ -71,7 +71,11 @@ def resample(key, image, *, factor, method=BICUBIC):
     """
     del key
     h, w, _ = image.shape
-    mh = resample_matrix(h, factor, method)
-    mw = resample_matrix(w, factor, method)
-    out = jnp.einsum("ij,jkc,lk->ilc", mh, image, mw, precision="highest")
-    return clip01(out)
+    return apply_resample(
+        image, resample_matrix(h, factor, method), resample_matrix(w, factor, method)
+    )
+
+
+def apply_resample(image, mh, mw) -> jnp.ndarray:
+    """Applies per-axis `(H, H)` and `(W, W)` resampling matrices to an `(H, W, C)` image."""
+    return clip01(jnp.einsum("ij,jkc,lk->ilc", mh, image, mw, precision="highest"))

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from ir_lora.degradations.blur import gaussian_blur, motion_blur
+from ir_lora.degradations._util import clip01, convolve
+from ir_lora.degradations.blur import gaussian_kernel, line_kernel, trajectory_kernel
 from ir_lora.degradations.jpeg import jpeg
-from ir_lora.degradations.noise import gaussian_noise, poisson_noise, speckle_noise
-from ir_lora.degradations.resample import resample
-from ir_lora.degradations.weather import haze, low_light, rain
+from ir_lora.degradations.noise import add_gaussian, add_poisson, add_speckle, shape_noise
+from ir_lora.degradations.resample import apply_resample, resample_matrix
+from ir_lora.degradations.weather import add_haze, add_rain, darken, haze_depth, rain_streaks
 
 NAMES = ("blur", "motion", "noise", "rain", "jpeg", "haze", "low_light", "resample")
 MODES = ("random_order", "fixed_order", "single")
@@ -72,14 +73,14 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.rain = dict(
         kernel_size=41,
-        density=(0.002, 0.01),
+        density=(0.001, 0.006),
         length=(10.0, 40.0),
         angle=(-math.pi / 4, math.pi / 4),
-        brightness=(0.4, 0.8),
+        brightness=(0.25, 0.6),
     )
     c.jpeg = dict(quality=(30, 95))
-    c.haze = dict(beta=(0.5, 2.5), airlight=(0.7, 1.0), depth_mix=(0.3, 0.9))
-    c.low_light = dict(gamma=(1.5, 3.0), gain=(0.15, 0.5), shot=(1e-3, 1e-2), read=(2e-3, 1e-2))
+    c.haze = dict(beta=(0.5, 2.0), airlight=(0.7, 1.0), depth_mix=(0.3, 0.9))
+    c.low_light = dict(gamma=(1.2, 2.5), gain=(0.2, 0.6), shot=(1e-3, 1e-2), read=(2e-3, 1e-2))
     c.resample = dict(factor=(1.5, 4.0), method_probs=(1 / 3, 1 / 3, 1 / 3))
     return c
 
@@ -95,95 +96,124 @@ def _categorical(key, probs):
     return jnp.sum(jax.random.uniform(key) * cdf[-1] >= cdf[:-1]).astype(jnp.int32)
 
 
-def _blur(key, x, c):
-    ks = jax.random.split(key, 6)
+# Each operator is split into `draw(key, (H, W, C), cfg) -> params`, which holds all its
+# randomness and runs once per image outside the slot loop, and `apply(params, x)`. Under `vmap` a
+# `lax.switch` evaluates every branch in every slot, so drawing (normal fields, streak layers,
+# kernels) once and convolving once per slot (blur and motion share one FFT convolution with the
+# selected kernel) keeps the per-slot work to one convolution plus cheap element-wise branches.
+
+
+def _draw_blur(key, shape, c):
+    ks = jax.random.split(key, 5)
     iso = jax.random.uniform(ks[0]) < c.p_isotropic
     sigma = _uniform(ks[1], c.sigma)
     eig = jax.random.uniform(ks[2], (2,), minval=c.eigenvalue[0], maxval=c.eigenvalue[1])
     lo, hi = c.support
     support = lo + 2 * jax.random.randint(ks[3], (), 0, (hi - lo) // 2 + 1)
-    return gaussian_blur(
-        ks[5],
-        x,
+    kernel = gaussian_kernel(
         sigma_x=jnp.where(iso, sigma, jnp.sqrt(eig[0])),
         sigma_y=jnp.where(iso, sigma, jnp.sqrt(eig[1])),
         angle=jnp.where(iso, 0.0, _uniform(ks[4], (0.0, math.pi))),
         support=support,
         kernel_size=c.kernel_size,
     )
+    return {"kernel": kernel}
 
 
-def _motion(key, x, c):
+def _draw_motion(key, shape, c):
     ks = jax.random.split(key, 4)
-    return motion_blur(
-        ks[0],
-        x,
-        length=_uniform(ks[1], c.length),
-        angle=_uniform(ks[2], (0.0, math.pi)),
-        trajectory=jax.random.uniform(ks[3]) >= c.p_line,
-        kernel_size=c.kernel_size,
-    )
+    length, angle = _uniform(ks[1], c.length), _uniform(ks[2], (0.0, math.pi))
+    line = line_kernel(length=length, angle=angle, kernel_size=c.kernel_size)
+    shake = trajectory_kernel(ks[0], length=length, kernel_size=c.kernel_size)
+    return {"kernel": jnp.where(jax.random.uniform(ks[3]) < c.p_line, line, shake)}
 
 
-def _noise(key, x, c):
-    ks = jax.random.split(key, 6)
-    kind = _categorical(ks[0], c.type_probs)
-    # The three noises share ks[1] so XLA draws one normal field: only one result is kept.
-    g = gaussian_noise(
-        ks[1], x, sigma=_uniform(ks[2], c.sigma), kind=_categorical(ks[3], c.gaussian_kinds)
-    )
-    p = poisson_noise(ks[1], x, scale=10.0 ** _uniform(ks[4], c.poisson_log10_scale))
-    s = speckle_noise(ks[1], x, sigma=_uniform(ks[5], c.speckle_sigma))
-    return jnp.where(kind == 0, g, jnp.where(kind == 1, p, s))
+def _draw_noise(key, shape, c):
+    ks = jax.random.split(key, 7)
+    z = jax.random.normal(ks[0], shape)
+    return {
+        "type": _categorical(ks[1], c.type_probs),
+        "z": z,
+        "gaussian_z": shape_noise(ks[2], z, _categorical(ks[3], c.gaussian_kinds)),
+        "sigma": _uniform(ks[4], c.sigma),
+        "scale": 10.0 ** _uniform(ks[5], c.poisson_log10_scale),
+        "speckle": _uniform(ks[6], c.speckle_sigma),
+    }
 
 
-def _rain(key, x, c):
+def _apply_noise(p, x):
+    g = add_gaussian(x, p["gaussian_z"], p["sigma"])
+    poisson = add_poisson(x, p["z"], p["scale"])
+    speckle = add_speckle(x, p["z"], p["speckle"])
+    return jnp.where(p["type"] == 0, g, jnp.where(p["type"] == 1, poisson, speckle))
+
+
+def _draw_rain(key, shape, c):
     ks = jax.random.split(key, 5)
-    return rain(
+    streaks = rain_streaks(
         ks[0],
-        x,
+        shape[:2],
         density=_uniform(ks[1], c.density),
         length=_uniform(ks[2], c.length),
         angle=_uniform(ks[3], c.angle),
-        brightness=_uniform(ks[4], c.brightness),
         kernel_size=c.kernel_size,
     )
+    return {"streaks": streaks, "brightness": _uniform(ks[4], c.brightness)}
 
 
-def _jpeg(key, x, c):
+def _draw_jpeg(key, shape, c):
     lo, hi = c.quality
-    return jpeg(x, quality=jax.random.randint(key, (), lo, hi + 1))
+    return {"quality": jax.random.randint(key, (), lo, hi + 1)}
 
 
-def _haze(key, x, c):
+def _draw_haze(key, shape, c):
     ks = jax.random.split(key, 4)
-    beta, air, mix = (_uniform(k, r) for k, r in zip(ks[1:], (c.beta, c.airlight, c.depth_mix)))
-    return haze(ks[0], x, beta=beta, airlight=air, depth_mix=mix)
+    return {
+        "depth": haze_depth(ks[0], shape[:2], _uniform(ks[3], c.depth_mix)),
+        "beta": _uniform(ks[1], c.beta),
+        "airlight": _uniform(ks[2], c.airlight),
+    }
 
 
-def _low_light(key, x, c):
+def _draw_low_light(key, shape, c):
     ks = jax.random.split(key, 5)
-    gamma, gain = _uniform(ks[1], c.gamma), _uniform(ks[2], c.gain)
-    shot, read = _uniform(ks[3], c.shot), _uniform(ks[4], c.read)
-    return low_light(ks[0], x, gamma=gamma, gain=gain, shot=shot, read=read)
+    names = ("gamma", "gain", "shot", "read")
+    p = {n: _uniform(k, c[n]) for n, k in zip(names, ks[1:])}
+    return {"z": jax.random.normal(ks[0], shape), **p}
 
 
-def _resample(key, x, c):
+def _draw_resample(key, shape, c):
     ks = jax.random.split(key, 2)
-    method = _categorical(ks[1], c.method_probs)
-    return resample(key, x, factor=_uniform(ks[0], c.factor), method=method)
+    factor, method = _uniform(ks[0], c.factor), _categorical(ks[1], c.method_probs)
+    h, w, _ = shape
+    return {"mh": resample_matrix(h, factor, method), "mw": resample_matrix(w, factor, method)}
 
 
-_SAMPLERS = dict(
-    blur=_blur,
-    motion=_motion,
-    noise=_noise,
-    rain=_rain,
-    jpeg=_jpeg,
-    haze=_haze,
-    low_light=_low_light,
-    resample=_resample,
+_CONVOLUTIONS = ("blur", "motion")  # applied by the slot's shared convolution
+_DRAW = dict(
+    blur=_draw_blur,
+    motion=_draw_motion,
+    noise=_draw_noise,
+    rain=_draw_rain,
+    jpeg=_draw_jpeg,
+    haze=_draw_haze,
+    low_light=_draw_low_light,
+    resample=_draw_resample,
 )
+_APPLY = dict(
+    noise=_apply_noise,
+    rain=lambda p, x: add_rain(x, p["streaks"], p["brightness"]),
+    jpeg=lambda p, x: jpeg(x, quality=p["quality"]),
+    haze=lambda p, x: add_haze(x, p["depth"], p["beta"], p["airlight"]),
+    low_light=lambda p, x: darken(x, p["z"], p["gamma"], p["gain"], p["shot"], p["read"]),
+    resample=lambda p, x: apply_resample(x, p["mh"], p["mw"]),
+)
+
+
+def _embed(kernel, size):
+    """Zero-pads an odd square kernel to `size`, centred."""
+    pad = (size - kernel.shape[0]) // 2
+    return jnp.pad(kernel, pad)
 
 
 def _validate(config) -> tuple[list[str], str, int, int]:
@@ -222,11 +252,12 @@ def prod(key, images, config) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     n_ops = len(ops)
     slots = 1 if mode == "single" else hi
     op_ids = jnp.asarray([NAMES.index(o) for o in ops] + [-1], jnp.int32)
-    branches = [lambda k, x, o=o: _SAMPLERS[o](k, x, config[o]) for o in ops]
-    branches.append(lambda k, x: x)  # index n_ops: the identity of unused slots
+    conv_slots = [j for j, o in enumerate(ops) if o in _CONVOLUTIONS]
+    size = max([config[ops[j]].kernel_size for j in conv_slots], default=1)
 
     def one(key, image):
         k_count, k_perm, k_ops = jax.random.split(key, 3)
+        image = image.astype(jnp.float32)
         if mode == "single":
             count = jnp.ones((), jnp.int32)
         else:
@@ -235,12 +266,32 @@ def prod(key, images, config) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         local = jnp.where(jnp.arange(slots) < count, chosen, n_ops)
         if mode == "fixed_order":
             local = jnp.sort(local)  # canonical order; unused slots (n_ops) sort last
+        # Keys follow the operator, not the slot: fixed and random order draw equal parameters.
+        params = [
+            _DRAW[o](jax.random.fold_in(k_ops, NAMES.index(o)), image.shape, config[o]) for o in ops
+        ]
+        if conv_slots:
+            kernels = jnp.stack([_embed(params[j]["kernel"], size) for j in conv_slots])
+            delta = jnp.zeros((size, size)).at[size // 2, size // 2].set(1.0)
+
+        def branch(j):
+            if ops[j] in _CONVOLUTIONS:
+                return lambda x, convolved: convolved
+            return lambda x, convolved: _APPLY[ops[j]](params[j], x)
+
+        branches = [branch(j) for j in range(n_ops)] + [lambda x, convolved: x]
 
         def body(i, x):
-            # Keys follow the operator, not the slot: fixed and random order draw equal params.
-            return lax.switch(local[i], branches, jax.random.fold_in(k_ops, local[i]), x)
+            op = local[i]
+            if conv_slots:
+                hit = (op == jnp.asarray(conv_slots)).astype(jnp.float32)
+                kernel = jnp.tensordot(hit, kernels, 1) + (1.0 - hit.sum()) * delta
+                convolved = clip01(convolve(x, kernel))
+            else:
+                convolved = x
+            return lax.switch(op, branches, x, convolved)
 
-        out = lax.fori_loop(0, slots, body, image.astype(jnp.float32))
+        out = lax.fori_loop(0, slots, body, image)
         order = jnp.full((hi,), -1, jnp.int32).at[:slots].set(op_ids[local])
         return out, order, count
 

@@ -8,7 +8,7 @@ from ir_lora.degradations.blur import line_kernel
 
 
 @per_image
-def rain(key, image, *, density, length, angle=0.0, brightness=0.6, kernel_size=41):
+def rain(key, image, *, density, length, angle=0.0, brightness=0.4, kernel_size=41):
     """Adds synthetic rain streaks (the Rain100L / DegAE `add_rain` model).
 
     Sparse random drops are smeared by a line kernel into oriented streaks, then added to the
@@ -23,14 +23,24 @@ def rain(key, image, *, density, length, angle=0.0, brightness=0.6, kernel_size=
       brightness: value added along a streak's axis.
       kernel_size: static size of the line-kernel window (odd).
     """
+    streaks = rain_streaks(
+        key, image.shape[:2], density=density, length=length, angle=angle, kernel_size=kernel_size
+    )
+    return add_rain(image, streaks, brightness)
+
+
+def rain_streaks(key, hw, *, density, length, angle, kernel_size=41) -> jnp.ndarray:
+    """`(H, W, 1)` streak layer in [0, 1], independent of the image (see `rain`)."""
     k_pos, k_val = jax.random.split(key)
-    h, w, _ = image.shape
-    seeds = jax.random.uniform(k_pos, (h, w)) < jnp.asarray(density, jnp.float32)
-    drops = seeds * jax.random.uniform(k_val, (h, w), minval=0.6, maxval=1.0)
+    seeds = jax.random.uniform(k_pos, hw) < jnp.asarray(density, jnp.float32)
+    drops = seeds * jax.random.uniform(k_val, hw, minval=0.5, maxval=1.0)
     line = line_kernel(length=length, angle=jnp.pi / 2 - angle, kernel_size=kernel_size)
     # line_kernel has unit sum; rescale so a streak is about as bright as its seed all along.
     line = line / jnp.maximum(line.max(), 1e-6)
-    streaks = jnp.clip(convolve(drops[:, :, None], line), 0.0, 1.0)
+    return jnp.clip(convolve(drops[:, :, None], line), 0.0, 1.0)
+
+
+def add_rain(image, streaks, brightness) -> jnp.ndarray:
     return clip01(image + jnp.asarray(brightness, jnp.float32) * streaks)
 
 
@@ -56,9 +66,18 @@ def haze(key, image, *, beta, airlight, depth_mix=0.5):
         are usually farther at the top).
     """
     h, w, _ = image.shape
+    return add_haze(image, haze_depth(key, (h, w), depth_mix), beta, airlight)
+
+
+def haze_depth(key, hw, depth_mix) -> jnp.ndarray:
+    """`(H, W)` depth in [0, 1]: a top-far ramp mixed with a random smooth field."""
+    h, w = hw
     ramp = jnp.linspace(1.0, 0.0, h)[:, None] * jnp.ones((1, w))
     mix = jnp.clip(jnp.asarray(depth_mix, jnp.float32), 0.0, 1.0)
-    depth = (1.0 - mix) * ramp + mix * _smooth_field(key, h, w)
+    return (1.0 - mix) * ramp + mix * _smooth_field(key, h, w)
+
+
+def add_haze(image, depth, beta, airlight) -> jnp.ndarray:
     t = jnp.exp(-jnp.maximum(jnp.asarray(beta, jnp.float32), 0.0) * depth)[:, :, None]
     return clip01(image * t + jnp.asarray(airlight, jnp.float32) * (1.0 - t))
 
@@ -75,8 +94,13 @@ def low_light(key, image, *, gamma, gain, shot=0.01, read=0.01):
       shot: noise variance per unit of signal, the shot (Poisson-like) part.
       read: standard deviation of the signal-independent read noise.
     """
+    return darken(image, jax.random.normal(key, image.shape), gamma, gain, shot, read)
+
+
+def darken(image, z, gamma, gain, shot, read) -> jnp.ndarray:
+    """`low_light` given its standard normal field `z`."""
     dark = jnp.asarray(gain, jnp.float32) * jnp.power(
         jnp.clip(image, 0.0, 1.0), jnp.maximum(jnp.asarray(gamma, jnp.float32), 1e-3)
     )
     var = jnp.maximum(jnp.asarray(shot, jnp.float32), 0.0) * dark + jnp.asarray(read) ** 2
-    return clip01(dark + jnp.sqrt(var) * jax.random.normal(key, image.shape))
+    return clip01(dark + jnp.sqrt(var) * z)
