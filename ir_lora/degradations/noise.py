@@ -17,7 +17,8 @@ def _mix_channels(key, z) -> jnp.ndarray:
     c = z.shape[-1]
     mix = jax.random.normal(key, (c, c))
     mix = mix / jnp.maximum(jnp.linalg.norm(mix, axis=1, keepdims=True), 1e-6)
-    return z @ mix.T
+    # Full float32: TF32 on GPUs would skew the per-channel variance.
+    return jnp.matmul(z, mix.T, precision=jax.lax.Precision.HIGHEST)
 
 
 def gaussian_field(key, shape, kind) -> jnp.ndarray:

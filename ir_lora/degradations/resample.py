@@ -56,7 +56,7 @@ def resample_matrix(n: int, factor, method) -> jnp.ndarray:
     # Up: high-res pixel y sits at (y + 0.5) / f - 0.5 on the low grid. Area uses bilinear here.
     u = (hi[:, None] + 0.5) / f - 0.5 - jnp.arange(n, dtype=jnp.float32)[None, :]
     up = _normalise_rows(jnp.where(method == BICUBIC, _cubic(u), _triangle(u)))
-    return up @ down
+    return jnp.matmul(up, down, precision="highest")
 
 
 @per_image

@@ -189,6 +189,8 @@ def _draw_resample(key, shape, c):
     return {"mh": resample_matrix(h, factor, method), "mw": resample_matrix(w, factor, method)}
 
 
+# Full float32 in small matmuls: TF32 on GPUs would perturb kernels and noise by ~1e-3.
+_EXACT = lax.Precision.HIGHEST
 _CONVOLUTIONS = ("blur", "motion")  # applied by the slot's shared convolution
 _DRAW = dict(
     blur=_draw_blur,
@@ -285,7 +287,9 @@ def prod(key, images, config) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
             op = local[i]
             if conv_slots:
                 hit = (op == jnp.asarray(conv_slots)).astype(jnp.float32)
-                kernel = jnp.tensordot(hit, kernels, 1) + (1.0 - hit.sum()) * delta
+                kernel = (
+                    jnp.tensordot(hit, kernels, 1, precision=_EXACT) + (1.0 - hit.sum()) * delta
+                )
                 convolved = clip01(convolve(x, kernel))
             else:
                 convolved = x
