@@ -4,10 +4,11 @@
 
 Rows, on the current JAX backend: the jitted sampler (default config); a host pipeline doing the
 same operators per image with numpy, scipy.signal.fftconvolve and Pillow's real JPEG (one CPU
-process); per-image Gaussian blur as FFT against `lax.conv` (vmapped), for 21x21 and 31x31
-kernels; and one full fine-tuning step of `nafnet-sidd-w32` (value_and_grad + optax.adamw,
-jitted) at the same batch, with the sampler's time as a fraction of it. Times are medians over
-`--steps` runs after one warm-up (compilation) run.
+process; slightly lighter than the sampler: colour Gaussian noise only, line motion kernels);
+per-image Gaussian blur as FFT against `lax.conv` (vmapped), for 21x21 and 31x31 kernels; and one
+full fine-tuning step of `nafnet-sidd-w32` (value_and_grad + optax.adamw, jitted) at the same
+batch, with the sampler's time as a fraction of it. Times are medians over `--steps` runs after
+one warm-up (compilation) run.
 """
 
 import argparse

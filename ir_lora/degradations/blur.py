@@ -98,10 +98,14 @@ def trajectory_kernel(key, *, length, kernel_size: int = 31, steps: int = 64) ->
 
 
 @per_image
-def gaussian_blur(key, image, *, sigma_x, sigma_y=None, angle=0.0, support=21, kernel_size=21):
-    """Blurs by an isotropic (`sigma_y=None`) or anisotropic Gaussian; see `gaussian_kernel`."""
+def gaussian_blur(key, image, *, sigma_x, sigma_y=None, angle=0.0, support=None, kernel_size=21):
+    """Blurs by an isotropic (`sigma_y=None`) or anisotropic Gaussian; see `gaussian_kernel`.
+
+    `support` defaults to the whole `kernel_size` window.
+    """
     del key
     sigma_y = sigma_x if sigma_y is None else sigma_y
+    support = kernel_size if support is None else support
     k = gaussian_kernel(
         sigma_x=sigma_x, sigma_y=sigma_y, angle=angle, support=support, kernel_size=kernel_size
     )

@@ -6,6 +6,11 @@ of the configured operators (without replacement) and its own parameters. The ch
 `lax.switch`, or the identity once i >= m. No Python branching depends on a sampled value, so one
 compiled program covers every count, order and parameter.
 
+Under `vmap` a `lax.switch` evaluates every branch in every slot, so each operator draws its
+randomness (noise fields, rain layers, kernels) once per image before the loop, and blur and
+motion share one FFT convolution per slot. benchmarks/prod_throughput.py measures the result
+against a host numpy/scipy/Pillow pipeline and a nafnet-sidd-w32 training step.
+
 Defaults come from ../shared/reference/METHODS.md section 2. The paper (CoLoRA, ECCV 2024) shows
 the five PROD operators (blur, noise, rain, JPEG, motion) and "one to N" degradations in random
 order but publishes no ranges: every range and probability below is a recommended default [R]
