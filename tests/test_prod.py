@@ -122,3 +122,15 @@ def test_default_config_and_validation():
         D.prod(jax.random.key(0), x, _config(["blur"], max_degradations=2))
     with pytest.raises(ValueError, match="images"):
         D.prod(jax.random.key(0), x[0], _config(["blur"]))
+
+
+def test_every_operator_in_one_chain():
+    """All eight operators, each image degraded by all of them: finite, in range, labelled."""
+    c = _config(D.NAMES, min_degradations=8)
+    images = jax.random.uniform(jax.random.key(0), (4, 12, 12, 3))
+    out, labels = jax.jit(lambda k, x: D.prod(k, x, c))(jax.random.key(3), images)
+    out = np.asarray(out)
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    assert (np.asarray(labels["present"]) == 1).all()
+    assert {tuple(o) for o in np.asarray(labels["order"])} != {tuple(range(8))}
+    assert np.abs(out - np.asarray(images)).mean() > 0.02

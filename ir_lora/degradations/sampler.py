@@ -90,15 +90,38 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _uniform(key, bounds):
-    lo, hi = bounds
-    return jax.random.uniform(key, (), minval=lo, maxval=hi)
+class _Uniforms:
+    """Hands out scalars from one vector of U(0, 1) draws.
 
+    One `jax.random.uniform` call per operator instead of one per scalar: every threefry call
+    adds to the compiled program, and XLA:CPU compiles them slowly.
+    """
 
-def _categorical(key, probs):
-    """Index drawn with probabilities `probs` (a Python sequence, normalised here)."""
-    cdf = jnp.cumsum(jnp.asarray(probs, jnp.float32))
-    return jnp.sum(jax.random.uniform(key) * cdf[-1] >= cdf[:-1]).astype(jnp.int32)
+    def __init__(self, key, n: int):
+        self._u = jax.random.uniform(key, (n,))
+        self._i = 0
+
+    def _next(self):
+        u = self._u[self._i]
+        self._i += 1
+        return u
+
+    def uniform(self, bounds):
+        lo, hi = bounds
+        return lo + (hi - lo) * self._next()
+
+    def integer(self, bounds):
+        """Integer uniform on the closed range `bounds`."""
+        lo, hi = bounds
+        return jnp.minimum(lo + jnp.floor(self._next() * (hi - lo + 1)), hi).astype(jnp.int32)
+
+    def categorical(self, probs):
+        """Index drawn with probabilities `probs` (a Python sequence, normalised here)."""
+        cdf = jnp.cumsum(jnp.asarray(probs, jnp.float32))
+        return jnp.sum(self._next() * cdf[-1] >= cdf[:-1]).astype(jnp.int32)
+
+    def bernoulli(self, p):
+        return self._next() < p
 
 
 # Each operator is split into `draw(key, (H, W, C), cfg) -> params`, which holds all its
@@ -109,16 +132,16 @@ def _categorical(key, probs):
 
 
 def _draw_blur(key, shape, c):
-    ks = jax.random.split(key, 5)
-    iso = jax.random.uniform(ks[0]) < c.p_isotropic
-    sigma = _uniform(ks[1], c.sigma)
-    eig = jax.random.uniform(ks[2], (2,), minval=c.eigenvalue[0], maxval=c.eigenvalue[1])
+    u = _Uniforms(key, 6)
+    iso = u.bernoulli(c.p_isotropic)
+    sigma = u.uniform(c.sigma)
+    eig = (u.uniform(c.eigenvalue), u.uniform(c.eigenvalue))
     lo, hi = c.support
-    support = lo + 2 * jax.random.randint(ks[3], (), 0, (hi - lo) // 2 + 1)
+    support = lo + 2 * u.integer((0, (hi - lo) // 2))
     kernel = gaussian_kernel(
         sigma_x=jnp.where(iso, sigma, jnp.sqrt(eig[0])),
         sigma_y=jnp.where(iso, sigma, jnp.sqrt(eig[1])),
-        angle=jnp.where(iso, 0.0, _uniform(ks[4], (0.0, math.pi))),
+        angle=jnp.where(iso, 0.0, u.uniform((0.0, math.pi))),
         support=support,
         kernel_size=c.kernel_size,
     )
@@ -126,23 +149,25 @@ def _draw_blur(key, shape, c):
 
 
 def _draw_motion(key, shape, c):
-    ks = jax.random.split(key, 4)
-    length, angle = _uniform(ks[1], c.length), _uniform(ks[2], (0.0, math.pi))
+    k_path, k_u = jax.random.split(key)
+    u = _Uniforms(k_u, 3)
+    length, angle = u.uniform(c.length), u.uniform((0.0, math.pi))
     line = line_kernel(length=length, angle=angle, kernel_size=c.kernel_size)
-    shake = trajectory_kernel(ks[0], length=length, kernel_size=c.kernel_size)
-    return {"kernel": jnp.where(jax.random.uniform(ks[3]) < c.p_line, line, shake)}
+    shake = trajectory_kernel(k_path, length=length, kernel_size=c.kernel_size)
+    return {"kernel": jnp.where(u.bernoulli(c.p_line), line, shake)}
 
 
 def _draw_noise(key, shape, c):
-    ks = jax.random.split(key, 7)
-    z = jax.random.normal(ks[0], shape)
+    k_z, k_mix, k_u = jax.random.split(key, 3)
+    u = _Uniforms(k_u, 6)
+    z = jax.random.normal(k_z, shape)
     return {
-        "type": _categorical(ks[1], c.type_probs),
+        "type": u.categorical(c.type_probs),
         "z": z,
-        "gaussian_z": shape_noise(ks[2], z, _categorical(ks[3], c.gaussian_kinds)),
-        "sigma": _uniform(ks[4], c.sigma),
-        "scale": 10.0 ** _uniform(ks[5], c.poisson_log10_scale),
-        "speckle": _uniform(ks[6], c.speckle_sigma),
+        "gaussian_z": shape_noise(k_mix, z, u.categorical(c.gaussian_kinds)),
+        "sigma": u.uniform(c.sigma),
+        "scale": 10.0 ** u.uniform(c.poisson_log10_scale),
+        "speckle": u.uniform(c.speckle_sigma),
     }
 
 
@@ -154,42 +179,43 @@ def _apply_noise(p, x):
 
 
 def _draw_rain(key, shape, c):
-    ks = jax.random.split(key, 5)
+    k_streaks, k_u = jax.random.split(key)
+    u = _Uniforms(k_u, 4)
     streaks = rain_streaks(
-        ks[0],
+        k_streaks,
         shape[:2],
-        density=_uniform(ks[1], c.density),
-        length=_uniform(ks[2], c.length),
-        angle=_uniform(ks[3], c.angle),
+        density=u.uniform(c.density),
+        length=u.uniform(c.length),
+        angle=u.uniform(c.angle),
         kernel_size=c.kernel_size,
     )
-    return {"streaks": streaks, "brightness": _uniform(ks[4], c.brightness)}
+    return {"streaks": streaks, "brightness": u.uniform(c.brightness)}
 
 
 def _draw_jpeg(key, shape, c):
-    lo, hi = c.quality
-    return {"quality": jax.random.randint(key, (), lo, hi + 1)}
+    return {"quality": _Uniforms(key, 1).integer(c.quality)}
 
 
 def _draw_haze(key, shape, c):
-    ks = jax.random.split(key, 4)
+    k_depth, k_u = jax.random.split(key)
+    u = _Uniforms(k_u, 3)
     return {
-        "depth": haze_depth(ks[0], shape[:2], _uniform(ks[3], c.depth_mix)),
-        "beta": _uniform(ks[1], c.beta),
-        "airlight": _uniform(ks[2], c.airlight),
+        "depth": haze_depth(k_depth, shape[:2], u.uniform(c.depth_mix)),
+        "beta": u.uniform(c.beta),
+        "airlight": u.uniform(c.airlight),
     }
 
 
 def _draw_low_light(key, shape, c):
-    ks = jax.random.split(key, 5)
-    names = ("gamma", "gain", "shot", "read")
-    p = {n: _uniform(k, c[n]) for n, k in zip(names, ks[1:])}
-    return {"z": jax.random.normal(ks[0], shape), **p}
+    k_z, k_u = jax.random.split(key)
+    u = _Uniforms(k_u, 4)
+    p = {n: u.uniform(c[n]) for n in ("gamma", "gain", "shot", "read")}
+    return {"z": jax.random.normal(k_z, shape), **p}
 
 
 def _draw_resample(key, shape, c):
-    ks = jax.random.split(key, 2)
-    factor, method = _uniform(ks[0], c.factor), _categorical(ks[1], c.method_probs)
+    u = _Uniforms(key, 2)
+    factor, method = u.uniform(c.factor), u.categorical(c.method_probs)
     h, w, _ = shape
     return {"mh": resample_matrix(h, factor, method), "mw": resample_matrix(w, factor, method)}
 
