@@ -86,6 +86,7 @@ def train(
     tx: optax.GradientTransformation | None = None,
     learning_rate_fn: optax.Schedule | None = None,
     frozen: Any = None,
+    init_args: tuple = (),
     backbone_path: str | os.PathLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
     eval_fn: Callable[[train_lib.TrainState, Any], Mapping[str, Any]] | None = None,
@@ -104,6 +105,7 @@ def train(
       learning_rate_fn: the schedule inside a given `tx`, only to log the learning rate (with the
         default `tx` it is `make_schedule(config.optimizer, ...)`).
       frozen: a loaded frozen tree to use instead of `init_fn`'s (see `create_train_state`).
+      init_args: arrays passed to `method.init_fn` after the key (e.g. the loaded backbone).
       backbone_path: file or directory the frozen tree was loaded from; its hash is recorded in
         every checkpoint and checked on resume.
       mesh: default `sharding.make_mesh(config)`.
@@ -143,6 +145,7 @@ def train(
         rng=int(config.get("seed", 0)),
         mesh=mesh,
         frozen=frozen,
+        init_args=init_args,
         min_size_to_shard=int(config.get("min_size_to_shard", 2**18)),
     )
     stats = jax.process_count() == 1
