@@ -18,8 +18,11 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from clu import values
 
 from ir_lora import checkpointing, evaluator, methods, models, train_lib, trainer
 from ir_lora import sharding as sharding_lib
@@ -193,6 +196,28 @@ def build_adaptation(config, model) -> methods.Adaptation:
     return methods.build(config, model, image_shape=shape, degrade_fn=degrade_fn)
 
 
+def sample_images_fn(adaptation: methods.Adaptation, batch: dict, *, seed: int, count: int = 4):
+    """An `eval_fn` for the trainer: degraded | restored | target rows of fixed training crops.
+
+    The crops are taken once, before training (for pre-training they are degraded once with a
+    fixed key), so the TensorBoard images show the same inputs at every step.
+    """
+    gt = np.asarray(batch["gt"][:count])
+    if "lq" in batch:
+        lq = np.asarray(batch["lq"][:count])
+    else:
+        lq = np.asarray(adaptation.method.degrade_fn(jax.random.key(seed), jnp.asarray(gt))[0])
+    restore = jax.jit(adaptation.method.apply_fn)
+
+    def eval_fn(state, frozen):
+        restored = np.clip(np.asarray(restore(state.trainable, frozen, lq)), 0.0, 1.0)
+        rows = np.concatenate([lq, restored, gt], axis=2)  # side by side, one row per crop
+        grid = rows.reshape(-1, *rows.shape[2:])[None]  # the rows stacked into one image
+        return {"samples/degraded_restored_target": values.Image(grid)}
+
+    return eval_fn
+
+
 def _write_text(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -219,13 +244,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Parameters (%s, method=%s):\n%s", config.model.variant, config.method, report)
     _write_text(os.path.join(workdir, "parameters.md"), report.to_markdown() + "\n")
 
+    data_iterator = train_iterator(config, workdir)
+    # A second iterator (same seed) supplies the fixed image-summary crops without moving the
+    # training iterator, whose position is checkpointed.
+    samples = next(train_iterator(config, workdir))
     state, frozen = trainer.train(
         config,
         workdir,
         method=adaptation.method,
-        data_iterator=train_iterator(config, workdir),
+        data_iterator=data_iterator,
         init_args=init_args,
         backbone_path=backbone_path,
+        eval_fn=sample_images_fn(adaptation, samples, seed=config.seed),
     )
     variables = jax.device_get(partition.combine(state.trainable, frozen))
     params = adaptation.merge_fn(variables)

@@ -1,5 +1,6 @@
 """End to end through the runner, as train.py / eval.py run it: pretrain, export, LoRA, eval."""
 
+import importlib.util
 import json
 import os
 
@@ -11,6 +12,12 @@ from PIL import Image
 from configs import common, finetune_lora, pretrain_prod
 from ir_lora import checkpointing, methods, models, runner
 from ir_lora.peft import partition
+
+_spec = importlib.util.spec_from_file_location(
+    "tiny_training", os.path.join(os.path.dirname(__file__), "tiny_training.py")
+)
+tiny_training = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny_training)
 
 
 def _write_images(folder, names, rng, size=40):
@@ -68,6 +75,13 @@ def test_pretrain_exports_params_of_the_model(pretrained):
     want = jax.tree.map(lambda s: s.shape, models.param_shapes("nafnet-tiny"))
     assert jax.tree.map(np.shape, params) == want
     assert out["report"].trainable_percent == pytest.approx(100.0)
+
+    # TensorBoard: training scalars and degraded | restored | target image rows.
+    events = tiny_training.read_events(str(workdir))
+    tags = {(v.tag, e.step): v for e in events if e.HasField("summary") for v in e.summary.value}
+    assert ("train_loss", 3) in tags
+    images = [v.image for (tag, step), v in tags.items() if tag.startswith("samples/")]
+    assert images and {(i.height, i.width) for i in images} == {(4 * 32, 3 * 32)}
 
 
 def test_lora_finetune_saves_only_adapters_and_evaluates(pretrained, folders, tmp_path):
