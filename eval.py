@@ -8,6 +8,7 @@ The config must describe the trained model (the same file and overrides as for t
 go to `<out_dir>/results.{md,json,csv}`, written after each finished dataset.
 """
 
+import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -26,6 +27,7 @@ def main(argv):
     if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
         raise app.UsageError("Give exactly one of --workdir and --checkpoint.")
     logging.set_verbosity(logging.INFO)
+    tfds.disable_progress_bar()  # The trainer has its own; TFDS's bars clutter the logs.
     from ir_lora import evaluator, runner
 
     config = FLAGS.config.finetune if FLAGS.config.stage == "quickstart" else FLAGS.config

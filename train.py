@@ -5,6 +5,7 @@ Override any config value on the command line, e.g. `--config.num_train_steps=10
 are errors that name the nearest valid key.
 """
 
+import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -22,6 +23,7 @@ def main(argv):
     # Must run before any other JAX call on multi-host systems (TPU pods, Slurm).
     sharding.maybe_initialize_distributed()
     logging.set_verbosity(logging.INFO)
+    tfds.disable_progress_bar()  # The trainer has its own; TFDS's bars clutter the logs.
     from ir_lora import quickstart, runner
 
     if FLAGS.config.stage == "quickstart":
