@@ -117,20 +117,20 @@ def _time(fn):
     return time.perf_counter() - start
 
 
-def interleaved(jax_fn, torch_fn, *, steps, threads, warmup=2):
-    """Median seconds of JAX and of PyTorch per thread count, timed alternately in each round."""
-    for _ in range(warmup):
-        _time(jax_fn)
-        for n in threads:
-            torch.set_num_threads(n)
-            _time(torch_fn)
-    jax_times, torch_times = [], {n: [] for n in threads}
-    for _ in range(steps):
-        jax_times.append(_time(jax_fn))
-        for n in threads:
-            torch.set_num_threads(n)
-            torch_times[n].append(_time(torch_fn))
-    return statistics.median(jax_times), {n: statistics.median(t) for n, t in torch_times.items()}
+def interleaved(fns, *, steps, warmup=2):
+    """`{name: median seconds}`; each round calls every `(name, fn, threads)` once, in order.
+
+    `threads` is the PyTorch thread count set before the call (None for JAX).
+    """
+    times = {name: [] for name, _, _ in fns}
+    for i in range(warmup + steps):
+        for name, fn, threads in fns:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            seconds = _time(fn)
+            if i >= warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def build_row(row, args, overrides, batch):
@@ -198,16 +198,22 @@ def main():
     common.check_nafnet_variant(args.variant)
     batch = common.sample_batch(args.batch, args.size)
 
+    # All rows are built first and timed in the same rounds, so their ratios share the load.
+    built = {row: build_row(row, args, overrides, batch) for row in args.rows}
+    fns = []
+    for row, (jax_fn, torch_fn, _) in built.items():
+        fns.append(((row, "jax"), jax_fn, None))
+        fns += [((row, n), torch_fn, n) for n in args.threads]
+    medians = interleaved(fns, steps=args.steps)
     results = {}
-    for row in args.rows:
-        jax_fn, torch_fn, info = build_row(row, args, overrides, batch)
-        t_jax, t_torch = interleaved(jax_fn, torch_fn, steps=args.steps, threads=args.threads)
-        best = min(t_torch.values())
+    for row, (_, _, info) in built.items():
+        by_threads = {n: medians[row, n] for n in args.threads}
+        best = min(by_threads.values())
         results[row] = dict(
-            jax_ms=1e3 * t_jax,
+            jax_ms=1e3 * medians[row, "jax"],
             torch_ms=1e3 * best,
-            torch_ms_by_threads={n: 1e3 * t for n, t in t_torch.items()},
-            ratio=t_jax / best,
+            torch_ms_by_threads={n: 1e3 * t for n, t in by_threads.items()},
+            ratio=medians[row, "jax"] / best,
             **info,
         )
         print(row, results[row], flush=True)
