@@ -2,8 +2,11 @@
 
 A *method* (full fine-tuning, LoRA, AdaptIR, ...) is two pure functions:
 
-  init_fn(rng) -> (trainable, frozen)
+  init_fn(rng, *init_args) -> (trainable, frozen)
   apply_fn(trainable, frozen, images) -> restored
+
+`init_args` are arrays the caller already holds (e.g. a pre-trained backbone read from disk): they
+enter the jitted init as arguments, never as constants baked into the program.
 
 The loss differentiates only `trainable`; `frozen` is an ordinary jit argument that is never
 differentiated and never donated, so the optimizer state and checkpoints hold only the trainable
@@ -145,6 +148,7 @@ def create_train_state(
     rng,
     mesh: Mesh,
     frozen: Any = None,
+    init_args: tuple = (),
     min_size_to_shard: int = 2**18,
 ) -> tuple[TrainState, Any, TrainState, Any]:
     """Initialises the state and frozen tree directly in their shardings on `mesh`.
@@ -153,13 +157,14 @@ def create_train_state(
     `out_shardings`, so no array is ever materialised whole on one device.
 
     Args:
-      init_fn: `rng -> (trainable, frozen)`; traced under jit.
+      init_fn: `(rng, *init_args) -> (trainable, frozen)`; traced under jit.
       tx: optimizer over the trainable tree.
       rng: an int seed or a PRNG key; split into the init key and the state key.
       mesh: from `sharding.make_mesh`.
       frozen: an already loaded frozen tree (e.g. a pre-trained backbone read from disk) to use
         instead of `init_fn`'s, so that it is not baked into the init program as a constant; its
         structure and shapes must equal `init_fn`'s.
+      init_args: arrays passed to `init_fn` after the key, as jit arguments.
       min_size_to_shard: see `sharding.param_shardings`.
 
     Returns:
@@ -167,9 +172,9 @@ def create_train_state(
     """
     key_data = _to_key_data(rng)
 
-    def init(key_data):
+    def init(key_data, init_args):
         init_key, state_key = jax.random.split(jax.random.wrap_key_data(key_data))
-        trainable, frozen = init_fn(init_key)
+        trainable, frozen = init_fn(init_key, *init_args)
         state = TrainState(
             step=jnp.zeros((), jnp.int32),
             trainable=trainable,
@@ -178,7 +183,8 @@ def create_train_state(
         )
         return state, frozen
 
-    abstract_state, abstract_frozen = jax.eval_shape(init, key_data)
+    init_args = tuple(init_args)
+    abstract_state, abstract_frozen = jax.eval_shape(init, key_data, init_args)
     state_shardings = sharding_lib.param_shardings(
         abstract_state, mesh, min_size_to_shard=min_size_to_shard
     )
@@ -186,7 +192,9 @@ def create_train_state(
         abstract_frozen, mesh, min_size_to_shard=min_size_to_shard
     )
     if frozen is None:
-        state, frozen = jax.jit(init, out_shardings=(state_shardings, frozen_shardings))(key_data)
+        state, frozen = jax.jit(init, out_shardings=(state_shardings, frozen_shardings))(
+            key_data, init_args
+        )
     else:
         given = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
         want = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_frozen)
@@ -195,7 +203,9 @@ def create_train_state(
                 "The given frozen tree does not match init_fn's frozen tree:\n"
                 f"given: {given}\nexpected: {want}"
             )
-        state = jax.jit(lambda k: init(k)[0], out_shardings=state_shardings)(key_data)
+        state = jax.jit(lambda k, a: init(k, a)[0], out_shardings=state_shardings)(
+            key_data, init_args
+        )
         frozen = jax.device_put(frozen, frozen_shardings)
     return state, frozen, state_shardings, frozen_shardings
 

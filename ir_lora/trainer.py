@@ -11,12 +11,14 @@ process's part of each batch as numpy arrays. Resume order:
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import ml_collections
 import optax
+import tqdm
 from clu import parameter_overview
 
 from ir_lora import checkpointing, losses, train_lib
@@ -86,6 +88,7 @@ def train(
     tx: optax.GradientTransformation | None = None,
     learning_rate_fn: optax.Schedule | None = None,
     frozen: Any = None,
+    init_args: tuple = (),
     backbone_path: str | os.PathLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
     eval_fn: Callable[[train_lib.TrainState, Any], Mapping[str, Any]] | None = None,
@@ -104,6 +107,7 @@ def train(
       learning_rate_fn: the schedule inside a given `tx`, only to log the learning rate (with the
         default `tx` it is `make_schedule(config.optimizer, ...)`).
       frozen: a loaded frozen tree to use instead of `init_fn`'s (see `create_train_state`).
+      init_args: arrays passed to `method.init_fn` after the key (e.g. the loaded backbone).
       backbone_path: file or directory the frozen tree was loaded from; its hash is recorded in
         every checkpoint and checked on resume.
       mesh: default `sharding.make_mesh(config)`.
@@ -143,6 +147,7 @@ def train(
         rng=int(config.get("seed", 0)),
         mesh=mesh,
         frozen=frozen,
+        init_args=init_args,
         min_size_to_shard=int(config.get("min_size_to_shard", 2**18)),
     )
     stats = jax.process_count() == 1
@@ -186,13 +191,21 @@ def train(
     # Metrics merged on device since the last log; `pending.nonfinite` counts NaN/Inf steps. It is
     # read (a host sync) only at log and save steps, which covers every step since the last check.
     pending = None
-    with metric_writers.ensure_flushes(writer):
+    # A terminal progress bar on the first host (logs and ReportProgress carry steps/s and ETA).
+    progress_bar = tqdm.tqdm(
+        total=num_steps,
+        initial=first_step,
+        unit="step",
+        disable=jax.process_index() > 0 or not sys.stderr.isatty(),
+    )
+    with progress_bar, metric_writers.ensure_flushes(writer):
         for step in range(first_step + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = sharding_lib.make_global_batch(next(data_iterator), batch_sharding)
                 state, metrics = step_fn(state, frozen, batch)
             pending = metrics if pending is None else _merge_metrics(pending, metrics)
             report_progress(step)
+            progress_bar.update(1)
 
             is_last = step == num_steps
             if eval_fn is not None and (step % eval_every == 0 or is_last):

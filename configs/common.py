@@ -1,0 +1,76 @@
+"""Every config section with its defaults; `configs/*.py` start here and override deltas only.
+
+Sections:
+  stage, method: "pretrain" | "finetune"; "full" | "lora" (see ir_lora/runner.py, methods.py).
+  model: `variant` from `ir_lora.models.VARIANTS`, `overrides` of its constructor arguments.
+  init: the pre-trained backbone of a fine-tune: `checkpoint` (exported params or a workdir) or
+    `torch` (an official `.pth`, with `torch_key` to pick `params`/`params_ema`).
+  lora: `rank` and `alpha` (0 = alpha equal to rank, scale 1) for every conv, or explicit ordered
+    `targets` of [regex, rank]; `tune_bias_norm` trains biases/norms too; `also_train` lists
+    further param-path regexes trained fully.
+  prod: the PROD sampler (`ir_lora.degradations.default_config()`), used when pre-training.
+  data: training set (`ir_lora.data.prepare` names, see data/README.md), crop `gt_size`, global
+    `batch_size`, BasicSR augmentation flags, `noise_sigma` (0..255; 0 = none) for clean sets.
+  eval: datasets evaluated after training (name -> {dataset, source_dir, split, noise_sigma})
+    and the BasicSR metric settings.
+  The trainer keys (seed, num_train_steps, logging/checkpoint intervals, loss, optimizer, fsdp)
+  are documented in `ir_lora.trainer.default_config`.
+"""
+
+import ml_collections
+
+from ir_lora import degradations, trainer
+
+
+def eval_dataset(dataset: str, source_dir: str, split: str = "val", noise_sigma: float = 0.0):
+    """One entry of `config.eval.datasets`."""
+    return ml_collections.ConfigDict(
+        {"dataset": dataset, "source_dir": source_dir, "split": split, "noise_sigma": noise_sigma}
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = trainer.default_config()
+    config.stage = "finetune"
+    config.method = "lora"
+    config.export = True
+
+    config.model = ml_collections.ConfigDict()
+    config.model.variant = "nafnet-sidd-w32"
+    config.model.overrides = ml_collections.ConfigDict()
+
+    config.init = ml_collections.ConfigDict()
+    config.init.checkpoint = ""
+    config.init.torch = ""
+    config.init.torch_key = ""
+
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 4
+    config.lora.alpha = 0.0
+    config.lora.targets = ()
+    config.lora.tune_bias_norm = True
+    config.lora.also_train = ()
+
+    config.prod = degradations.default_config()
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "paired"
+    config.data.source_dir = ""
+    config.data.data_dir = ""  # prepared TFDS data; default <workdir>/tfds
+    config.data.split = "train"
+    config.data.gt_size = 256
+    config.data.batch_size = 8
+    config.data.use_hflip = True
+    config.data.use_rot = True
+    config.data.noise_sigma = 0.0
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.datasets = ml_collections.ConfigDict()
+    config.eval.crop_border = 0
+    config.eval.test_y_channel = False
+    config.eval.tile = 0  # 0: whole images
+    config.eval.tile_overlap = 32
+    config.eval.pad_multiple = 16
+    config.eval.save_images = False
+    config.eval.save_comparisons = True
+    return config
