@@ -130,6 +130,7 @@ def interleaved(fns, *, steps, warmup=2):
             seconds = _time(fn)
             if i >= warmup:
                 times[name].append(seconds)
+        print(f"round {i + 1}/{warmup + steps} done", file=sys.stderr, flush=True)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
