@@ -16,11 +16,16 @@ shard the small one only). For a layer with kernel `W0` the adapted layer comput
 layer's path, so no two layers share an init; `B` is zero, so the adapted model equals the base
 model exactly at step 0.
 
-Unmerged computation (training): for g == 1 the branch is the layer itself with `Cout -> r` and
-kernel `A` (same stride, padding, dilation, primitive), followed by a 2-D matmul `r -> Cout`:
-r/Cout of the base layer's cost, and no `dW` is ever formed. For g > 1 the `r` output channels
-cannot be grouped like `Cout`, so the branch convolves with the delta kernel `dW` under the same
-`feature_group_count` (exact for any g; for depthwise layers `dW` has only kh*kw*C entries).
+Computation (training and `apply`): the layer runs once, with the kernel `W0 + scale * dW`
+formed in the forward pass (`dW` is a tiny `kh*kw*Cin/g x Cout` product); autodiff then gives the
+factors' gradients through the layer's kernel gradient. On XLA:CPU this is faster for every conv
+kind than running a separate low-rank branch (benchmarks/NOTES.md: one fewer pass over the
+activations forward and backward, and the skinny rank-r matmuls it replaces are memory bound), and
+it equals the base model bit for bit while `B = 0`. Wrappers outside the adapted layer's own
+call see one layer call; interceptors stacked *inside* the same layer call are bypassed (the
+layer is re-applied with the merged kernel). `branch` keeps the explicit low-rank branch for
+wrappers that weight several experts per sample: for g == 1 the layer itself with `Cout -> r`
+and kernel `A` followed by a 2-D matmul `r -> Cout`, for g > 1 a conv with the delta kernel.
 `merge` folds `scale * dW` into the kernels for inference; `unmerge` takes it out again.
 """
 
@@ -142,9 +147,19 @@ def _conv_branch(module: nn.Conv, x, down, up, kernel_shape):
         return delta.apply({"params": {"kernel": delta_kernel(down, up, kernel_shape)}}, x)
 
 
+def _with_merged_kernel(module, x, down, up, scale, kernel):
+    params = dict(module.variables["params"])
+    delta = delta_kernel(down, up, kernel.shape) * scale
+    params["kernel"] = (kernel + delta.astype(kernel.dtype)).astype(kernel.dtype)
+    with intercept.bypass():
+        return module.clone(parent=None, name=None).apply({"params": params}, x)
+
+
 def _wrapper(rank: int, scale: float, rng: jax.Array | None) -> intercept.Wrapper:
     def wrapper(next_fun, args, kwargs, module):
-        y = next_fun(*args, **kwargs)  # at init, the layer's kernel exists only after its call
+        # At init the layer's kernel exists only after its own call, so the first call runs the
+        # layer and adds the branch; afterwards the layer runs once with the merged kernel.
+        y = None if module.has_variable("params", "kernel") else next_fun(*args, **kwargs)
         path = intercept.path_of(module)
         kernel = nn.unbox(module.get_variable("params", "kernel"))
         shape_a, shape_b = factor_shapes(kernel.shape, rank)
@@ -168,6 +183,8 @@ def _wrapper(rank: int, scale: float, rng: jax.Array | None) -> intercept.Wrappe
                 f"config asks rank {rank}: {shape_a}, {shape_b}."
             )
         x = args[0] if args else kwargs["inputs"]
+        if y is None:
+            return _with_merged_kernel(module, x, down, up, scale, kernel)
         return y + (scale * branch(module, x, down, up)).astype(y.dtype)
 
     return wrapper
