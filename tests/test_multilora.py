@@ -155,9 +155,7 @@ def test_scaled_up_factors_are_weights(setup):
 def test_bad_inputs_are_named(setup):
     model, x, params, trees = setup
     with pytest.raises(ValueError, match=r"weights must be \(batch, LoRAs\) = \(3, 2\)"):
-        compose.apply(
-            model, params, compose.stack(trees[:2]), jnp.ones((3, 3)), x, config=CONFIG
-        )
+        compose.apply(model, params, compose.stack(trees[:2]), jnp.ones((3, 3)), x, config=CONFIG)
     other = lora.init_lora(
         model, lora.LoraConfig(targets=(((r"(.*/)?norm[^/]*", 0), (".*", 3)))), jax.random.key(0), x
     )

@@ -105,9 +105,7 @@ def _wrapper(weights: jax.Array, scale: float, path: str) -> intercept.Wrapper:
                 path=path,
                 **mixlora.conv_kwargs(module),
             )
-        return mixlora.mix_dense(
-            x, kernel, down, up, weights, bias=bias, scale=scale, path=path
-        )
+        return mixlora.mix_dense(x, kernel, down, up, weights, bias=bias, scale=scale, path=path)
 
     return wrapper
 
