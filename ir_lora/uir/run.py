@@ -230,7 +230,7 @@ def evaluate_bundle(
     for variant, fn in restore_fns(config, names, lora_config).items():
         where = os.path.join(out_dir, variant.replace(":", "_"))
         results[variant] = runner.run_evaluation(config, fn, params, inputs, where)
-    table = group_table(results)
+    table = group_table(results) + "\n\n" + routing_table(config, names, bundle, inputs)
     with open(os.path.join(out_dir, "uirlora.md"), "w") as f:
         f.write(table + "\n")
     logging.info("multilora:\n%s", table)
@@ -286,23 +286,36 @@ def group_table(results: Mapping[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def routing_weights(config, workdir: str, images: Mapping[str, np.ndarray]) -> dict:
-    """`{name: weights per LoRA}` the saved router gives each image (for reports)."""
-    _, bundle, names, _ = load_bundle(config, workdir)
+def routing_table(config, names, bundle, inputs) -> str:
+    """Markdown: the mean composition weight of each LoRA per image group (the router at work)."""
     section = config.multilora
     encoder = routing.encoder(
         len(names), widths=section.encoder.widths, embed_dim=section.encoder.embed_dim
     )
-    out = {}
-    for key, image in images.items():
-        embedding = routing.embed(encoder, bundle["encoder"], jnp.asarray(image)[None])
-        weights = routing.composition_weights(
-            embedding,
-            jnp.asarray(bundle["prototypes"]),
-            k=section.k,
-            temperature=section.temperature,
-            normalize=section.normalize,
-            center=section.center,
-        )
-        out[key] = dict(zip(names, np.round(np.asarray(weights[0]), 3).tolist()))
-    return out
+    per_group = {}
+    for dataset in inputs.values():
+        for i in range(len(dataset)):
+            example = dataset[i]
+            name = example["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            image = jnp.asarray(example["lq"], jnp.float32)[None] / 255.0
+            weights = routing.composition_weights(
+                routing.embed(encoder, bundle["encoder"], image),
+                jnp.asarray(bundle["prototypes"]),
+                k=section.k,
+                temperature=section.temperature,
+                normalize=section.normalize,
+                center=section.center,
+            )
+            group = name.split(GROUP_SEPARATOR)[0]
+            per_group.setdefault(group, []).append(np.asarray(weights[0]))
+    lines = [
+        "Mean composition weight per LoRA (rows: test image groups).",
+        "",
+        "| group | " + " | ".join(names) + " |",
+        "|" + "---|" * (len(names) + 1),
+    ]
+    for group, rows in per_group.items():
+        mean = np.mean(rows, axis=0)
+        lines.append(f"| {group} | " + " | ".join(f"{w:.2f}" for w in mean) + " |")
+    return "\n".join(lines)
