@@ -255,14 +255,19 @@ def evaluate(config, workdir: str, *, datasets=None, out_dir=None) -> dict:
 
 
 def group_table(results: Mapping[str, dict]) -> str:
-    """Markdown PSNR / SSIM per image group (name prefix before `GROUP_SEPARATOR`) and variant."""
+    """Markdown PSNR / SSIM per image group (name prefix before `GROUP_SEPARATOR`) and variant.
+
+    The first row is the degraded input itself (from the first variant's results).
+    """
     per_variant, groups = {}, []
-    for variant, result in results.items():
+    first = next(iter(results.values()), None)
+    sources = [("input (degraded)", first, "input_")] if first else []
+    for variant, result, prefix in sources + [(v, r, "") for v, r in results.items()]:
         rows = {}
         for dataset in result["datasets"].values():
             for image in dataset["images"]:
                 group = image["name"].split(GROUP_SEPARATOR)[0]
-                rows.setdefault(group, []).append((image["psnr"], image["ssim"]))
+                rows.setdefault(group, []).append((image[prefix + "psnr"], image[prefix + "ssim"]))
                 if group not in groups:
                     groups.append(group)
         per_variant[variant] = rows
