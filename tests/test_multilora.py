@@ -54,12 +54,13 @@ def _scaled(tree, factor):
 
 def _per_image_reference(model, params, trees, weights, x):
     """Each image through its own params, merged LoRA by LoRA with `peft.lora.merge`."""
+    apply = jax.jit(lambda p, image: model.apply({"params": p}, image))  # one compile, 3 calls
     out = []
     for n in range(x.shape[0]):
         merged = params
         for tree, w in zip(trees, np.asarray(weights[n])):
             merged = lora.merge(merged, _scaled(tree, float(w)), CONFIG)
-        out.append(model.apply({"params": merged}, x[n : n + 1]))
+        out.append(apply(merged, x[n : n + 1]))
     return jnp.concatenate(out)
 
 
