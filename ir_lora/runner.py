@@ -231,6 +231,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       `{"report": ParameterReport, "export": path, "eval": results or None}`.
     """
     _check_config(config)
+    if config.method == "multilora":  # composes trained LoRA runs (UIR-LoRA): its own stage
+        from ir_lora.uir import run as multilora
+
+        return multilora.train_and_evaluate(config, workdir)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     model = build_model(config)
@@ -279,6 +283,15 @@ def restore_trained(config, workdir: str) -> tuple[Any, methods.Adaptation, Any]
     The backbone comes from `config.init` and is checked against the hash the checkpoint
     recorded. Returns `(params, adaptation, step)`.
     """
+    variables, adaptation, step = restore_variables(config, workdir)
+    return adaptation.merge_fn(variables), adaptation, step
+
+
+def restore_variables(config, workdir: str) -> tuple[dict, methods.Adaptation, int]:
+    """The newest checkpoint of a training workdir as unmerged variables (`"params"`, adapters).
+
+    As `restore_trained`, but the adapters stay separate (e.g. to compose several LoRAs).
+    """
     model = build_model(config)
     adaptation = build_adaptation(config, model)
     backbone_path, init_args = None, ()
@@ -300,7 +313,7 @@ def restore_trained(config, workdir: str) -> tuple[Any, methods.Adaptation, Any]
         raise FileNotFoundError(f"No readable checkpoint in {workdir}/checkpoints")
     state = restored[0]
     variables = jax.device_get(partition.combine(state.trainable, frozen))
-    return adaptation.merge_fn(variables), adaptation, int(state.step)
+    return variables, adaptation, int(state.step)
 
 
 def evaluate(
@@ -323,6 +336,12 @@ def evaluate(
     """
     if bool(workdir) == bool(checkpoint):
         raise ValueError("Give exactly one of workdir and checkpoint")
+    if config.method == "multilora":
+        if not workdir:
+            raise ValueError("method='multilora' is evaluated from its workdir, not a checkpoint")
+        from ir_lora.uir import run as multilora
+
+        return multilora.evaluate(config, workdir, datasets=datasets, out_dir=out_dir)
     if checkpoint:
         params, where = load_params(config, checkpoint)
         base = where if os.path.isdir(where) else os.path.dirname(where)
