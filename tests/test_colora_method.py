@@ -133,6 +133,9 @@ def task(tmp_path_factory):
                 )
     model = models.build(VARIANT)
     params = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+    # Replicated over every device, as a trainer's export is (orbax restores that sharding).
+    mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     backbone = runner.export_params(params, str(root / "backbone"))
     return root, backbone
 
@@ -145,7 +148,7 @@ def _tiny(config, task, tmp_path):
     config.data.source_dir = str(root / "pairs")
     config.data.data_dir = str(tmp_path / "tfds")
     config.data.gt_size = 16
-    config.data.batch_size = 2
+    config.data.batch_size = 8  # divisible by the 8 simulated devices
     config.num_train_steps = 2
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2

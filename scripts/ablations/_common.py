@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dec", default="1,1,1", help="NAFNet dec_blk_nums")
     p.add_argument("--gt-size", type=int, default=64, help="training crop size")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--finetune-steps", type=int, default=200)
     p.add_argument("--probe-steps", type=int, default=100, help="CoLoRA's brief full fine-tune")
     p.add_argument("--faig-steps", type=int, default=8, help="FAIG Riemann steps")
@@ -66,7 +67,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--adapter-lr", type=float, default=2e-3, help="LoRA / CoLoRA")
     p.add_argument("--full-lr", type=float, default=1e-3, help="full and decoder-only tuning")
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
-    p.add_argument("--photos-max-side", type=int, default=256)
+    p.add_argument("--photos-max-side", type=int, default=192)
     p.add_argument("--pair-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -82,13 +83,17 @@ def _model(config, args) -> None:
         config.model.overrides.dec_blk_nums = tuple(int(n) for n in args.dec.split(","))
 
 
+def _tfds_dir(args, source_dir: str) -> str:
+    # One prepared-data folder per source folder: `prepare` refuses to mix two sources.
+    return os.path.join(os.path.abspath(args.root), "tfds", os.path.basename(source_dir))
+
+
 def _common(config, args, steps: int) -> None:
     config.unlock()
     _model(config, args)
     config.seed = args.seed
     config.data.gt_size = args.gt_size
     config.data.batch_size = args.batch_size
-    config.data.data_dir = os.path.join(os.path.abspath(args.root), "tfds")
     config.num_train_steps = steps
     config.log_every_steps = max(1, steps // 4)
     config.checkpoint_every_steps = steps
@@ -159,16 +164,45 @@ def task_folder(args, task: str, num_pairs: int) -> str:
 # Runs.
 
 
+def _claim(workdir: str) -> bool:
+    """True if this process may run `workdir`; else waits until another process finished it.
+
+    Lets the three scripts run at the same time on one `--root` (they share runs). The lock
+    file holds the owner's pid; a lock whose owner is gone is taken over.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    lock = os.path.join(workdir, ".running")
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if os.path.isfile(os.path.join(workdir, "result.json")):
+                return False
+            try:
+                with open(lock) as f:
+                    os.kill(int(f.read() or 0), 0)
+            except (ProcessLookupError, ValueError):
+                os.remove(lock)  # its owner died: run it here
+                continue
+            logging.info("Waiting for another process to finish %s", workdir)
+            time.sleep(10)
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+
 def pretrain(args, kind: str) -> str:
     """The backbone of pre-training `kind` (`PRETRAININGS`), trained once; its export dir."""
     workdir = os.path.join(os.path.abspath(args.root), "pretrain", kind)
     export = os.path.join(workdir, runner.EXPORT_DIR)
-    if os.path.isfile(os.path.join(workdir, "result.json")):
+    if os.path.isfile(os.path.join(workdir, "result.json")) or not _claim(workdir):
         return export
     config = pretrain_prod.get_config()
     _common(config, args, args.pretrain_steps)
     config.optimizer.lr = args.pretrain_lr
     config.data.source_dir = clean_folder(args)
+    config.data.data_dir = _tfds_dir(args, config.data.source_dir)
     if kind == "random_init":
         model = runner.build_model(config)
         x = jnp.zeros((1, args.gt_size, args.gt_size, 3), jnp.float32)
@@ -208,6 +242,7 @@ def finetune_config(args, *, backbone: str, data: str, tuning: str, ranks: str =
         raise ValueError(f"Unknown tuning {tuning!r}; known: {TUNINGS}")
     config.init.checkpoint = backbone
     config.data.source_dir = data
+    config.data.data_dir = _tfds_dir(args, data)
     config.eval.datasets.val.source_dir = data
     config.eval.save_comparisons = False
     config.lock()
@@ -233,7 +268,7 @@ def finetune(args, *, pretraining: str, task: str, num_pairs: int, tuning: str) 
     base = os.path.join(os.path.abspath(args.root), "finetune", pretraining, f"{task}_{num_pairs}")
     workdir = os.path.join(base, tuning)
     result_path = os.path.join(workdir, "result.json")
-    if os.path.isfile(result_path):
+    if os.path.isfile(result_path) or not _claim(workdir):
         with open(result_path) as f:
             return json.load(f)
     ranks = ""

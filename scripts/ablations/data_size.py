@@ -27,11 +27,12 @@ def main():
     sizes = [int(n) for n in args.sizes.split(",")]
     tunings = args.tunings.split(",")
     tasks = args.tasks.split(",")
+    # Largest sets first: the smallest is the one tuning.py most likely has run already.
     rows = [
         _common.finetune(args, pretraining="prod", task=task, num_pairs=n, tuning=tuning)
         for task in tasks
+        for n in sorted(sizes, reverse=True)
         for tuning in tunings
-        for n in sizes
     ]
     _common.write_csv(os.path.join(args.out, "data_size.csv"), rows)
     fig, ax = plt.subplots(figsize=(6, 4))
