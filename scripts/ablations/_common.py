@@ -249,15 +249,17 @@ def finetune_config(args, *, backbone: str, data: str, tuning: str, ranks: str =
     return config
 
 
-def _uniform_ranks(args, colora_workdir: str, out: str) -> str:
-    """A uniform-rank ranks file with CoLoRA's trainable count (the equal-budget LoRA)."""
-    colora_ranks = files.read_ranks_file(os.path.join(colora_workdir, "colora", "ranks.json"))
+def _uniform_ranks(args, out: str) -> str:
+    """A uniform-rank ranks file at CoLoRA's budget (`--budget` of the backbone).
+
+    CoLoRA's allocation meets the same budget within its 1% tolerance, so the two runs train
+    the same number of parameters up to that (both counts are in the results) without the
+    uniform run waiting for CoLoRA's contributions.
+    """
     config = finetune_full.get_config()
     _common(config, args, 1)
     shapes = models.param_shapes(config.model.variant, **dict(config.model.overrides))
-    allocation = uniform_rank_for_budget(
-        shapes, budget_params=colora_ranks["trainable_params"], tune_bias_norm=True
-    )
+    allocation = uniform_rank_for_budget(shapes, budget_fraction=args.budget, tune_bias_norm=True)
     return files.save_allocation(allocation, out, tune_bias_norm=True)
 
 
@@ -273,8 +275,7 @@ def finetune(args, *, pretraining: str, task: str, num_pairs: int, tuning: str) 
             return json.load(f)
     ranks = ""
     if tuning == "lora_uniform":
-        finetune(args, pretraining=pretraining, task=task, num_pairs=num_pairs, tuning="colora")
-        ranks = _uniform_ranks(args, os.path.join(base, "colora"), f"{workdir}/ranks.json")
+        ranks = _uniform_ranks(args, f"{workdir}/ranks.json")
     config = finetune_config(args, backbone=backbone, data=data, tuning=tuning, ranks=ranks)
     logging.info("Fine-tuning %s / %s_%d / %s", pretraining, task, num_pairs, tuning)
     if tuning == "none":
