@@ -1,15 +1,25 @@
 """Every config section with its defaults; `configs/*.py` start here and override deltas only.
 
 Sections:
-  stage, method: "pretrain" | "finetune"; "full" | "lora" (see ir_lora/runner.py, methods.py),
-    or "multilora" (UIR-LoRA: composes trained LoRA runs; its `multilora` section is
-    `ir_lora.uir.run.default_config()`, example in configs/uirlora.py).
+  stage, method: "pretrain" | "finetune" | "contributions"; "full" | "lora" | "colora" (see
+    ir_lora/runner.py, ir_lora/methods/), or "multilora" (UIR-LoRA: composes trained LoRA runs;
+    its `multilora` section is `ir_lora.uir.run.default_config()`, example in configs/uirlora.py).
   model: `variant` from `ir_lora.models.VARIANTS`, `overrides` of its constructor arguments.
   init: the pre-trained backbone of a fine-tune: `checkpoint` (exported params or a workdir) or
     `torch` (an official `.pth`, with `torch_key` to pick `params`/`params_ema`).
   lora: `rank` and `alpha` (0 = alpha equal to rank, scale 1) for every conv, or explicit ordered
     `targets` of [regex, rank]; `tune_bias_norm` trains biases/norms too; `also_train` lists
     further param-path regexes trained fully.
+  full: `train_only`, regexes over "params/..." paths; when given, only those parameters train
+    (`ir_lora.methods.full.DECODER_ONLY` is decoder-only tuning).
+  colora: CoLoRA (ir_lora/colora/pipeline.py). `ranks`: a ranks JSON from the contributions
+    stage; empty: a finetune run computes it first into <workdir>/colora/. Contributions:
+    `contribution` "faig" (needs a brief full fine-tune of `probe_steps` at `probe_lr`; FAIG
+    with `faig_steps` Riemann steps, `per_image` as the official code) or "grad_norm" (no
+    fine-tune), over `num_batches` training batches, reduced per layer by `reduce`/`filter`.
+    Ranks: `rule` "delta" | "proportional" under `budget_fraction` of the backbone, with
+    `normalize`, `beta`, `delta_min`, `r_min`, `tolerance` (`ir_lora.colora.allocate_ranks`).
+    Adapters: `alpha` (0: scale 1), `tune_bias_norm`, `also_train` as for `lora`.
   prod: the PROD sampler (`ir_lora.degradations.default_config()`), used when pre-training.
   data: training set (`ir_lora.data.prepare` names, see data/README.md), crop `gt_size`, global
     `batch_size`, BasicSR augmentation flags, `noise_sigma` (0..255; 0 = none) for clean sets.
@@ -52,6 +62,30 @@ def base_config() -> ml_collections.ConfigDict:
     config.lora.targets = ()
     config.lora.tune_bias_norm = True
     config.lora.also_train = ()
+
+    config.full = ml_collections.ConfigDict()
+    config.full.train_only = ()
+
+    config.colora = ml_collections.ConfigDict()
+    config.colora.ranks = ""
+    config.colora.budget_fraction = 0.07
+    config.colora.contribution = "faig"
+    config.colora.probe_steps = 200
+    config.colora.probe_lr = 2e-4
+    config.colora.faig_steps = 20
+    config.colora.per_image = True
+    config.colora.num_batches = 2
+    config.colora.reduce = "mean_filter"
+    config.colora.filter = "output"
+    config.colora.rule = "delta"
+    config.colora.normalize = "max"
+    config.colora.beta = 0.0
+    config.colora.delta_min = 0.0
+    config.colora.r_min = 0
+    config.colora.tolerance = 0.01
+    config.colora.alpha = 0.0
+    config.colora.tune_bias_norm = True
+    config.colora.also_train = ()
 
     config.prod = degradations.default_config()
 

@@ -7,7 +7,11 @@ Stages (`config.stage`):
 * `finetune`: a pre-trained backbone (`config.init.checkpoint`: an exported params directory or a
   pre-training workdir; or `config.init.torch`: an official PyTorch `.pth`) adapted with
   `config.method` on paired data (or clean data with `data.noise_sigma`). The checkpoints hold only
-  what trains, plus the path and hash of the backbone.
+  what trains, plus the path and hash of the backbone. With `method="colora"` and no
+  `colora.ranks` file, the run first computes contributions and ranks into `<workdir>/colora/`.
+* `contributions`: CoLoRA's per-layer contributions of a pre-trained backbone to a task, the
+  ranks under the budget, and their charts (`ir_lora.colora.pipeline`), written to the workdir;
+  `ranks.json` is what `method="colora"` reads.
 
 Every run ends by exporting the plain inference params (adapters merged) to
 `<workdir>/export/params` and evaluating `config.eval.datasets` into `<workdir>/eval/`.
@@ -30,7 +34,7 @@ from ir_lora.data import pipeline
 from ir_lora.data import prepare as prepare_dataset
 from ir_lora.peft import partition
 
-STAGES = ("pretrain", "finetune")
+STAGES = ("pretrain", "finetune", "contributions")
 EXPORT_DIR = os.path.join("export", "params")
 
 
@@ -228,7 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs `config.stage` in `workdir` (resuming if it holds checkpoints).
 
     Returns:
-      `{"report": ParameterReport, "export": path, "eval": results or None}`.
+      `{"report": ParameterReport, "export": path, "eval": results or None}`; for the
+      `contributions` stage, `ir_lora.colora.pipeline.compute`'s result.
     """
     _check_config(config)
     if config.method == "multilora":  # composes trained LoRA runs (UIR-LoRA): its own stage
@@ -237,6 +242,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return multilora.train_and_evaluate(config, workdir)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    if config.stage == "contributions":
+        from ir_lora.colora import pipeline  # CoLoRA only: plotting and FAIG.
+
+        return pipeline.compute(config, workdir)
+    if config.method == "colora":
+        from ir_lora.colora import pipeline
+
+        config = pipeline.with_ranks(config, workdir, compute_missing=True)
     model = build_model(config)
     adaptation = build_adaptation(config, model)
     backbone, backbone_path, init_args = None, None, ()
@@ -292,6 +305,10 @@ def restore_variables(config, workdir: str) -> tuple[dict, methods.Adaptation, i
 
     As `restore_trained`, but the adapters stay separate (e.g. to compose several LoRAs).
     """
+    if config.method == "colora":
+        from ir_lora.colora import pipeline
+
+        config = pipeline.with_ranks(config, workdir, compute_missing=False)
     model = build_model(config)
     adaptation = build_adaptation(config, model)
     backbone_path, init_args = None, ()

@@ -9,9 +9,11 @@ path (`ir_lora.peft`); the backbone code never changes.
 Each method is a module here with `parts(config, model, sample) -> Parts`, registered in
 `REGISTRY`:
 
-* `full`: every parameter trains (pre-training, full fine-tuning).
+* `full`: every parameter trains (pre-training, full fine-tuning), or with `full.train_only`
+  only the parameters whose paths match (e.g. decoder-only tuning).
 * `lora`: LoRA factors on the targeted layers, plus biases and norms when `tune_bias_norm`;
   everything else is frozen and gets neither gradients nor optimizer state.
+* `colora`: LoRA with per-layer ranks from a CoLoRA ranks file (`colora.ranks`).
 """
 
 import dataclasses
@@ -23,11 +25,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ir_lora import train_lib
-from ir_lora.methods import full, lora
+from ir_lora.methods import colora, full, lora
 from ir_lora.methods.base import Parts, init_or_given
 from ir_lora.peft import partition, report
 
-REGISTRY: dict[str, Callable[..., Parts]] = {"full": full.parts, "lora": lora.parts}
+REGISTRY: dict[str, Callable[..., Parts]] = {
+    "full": full.parts,
+    "lora": lora.parts,
+    "colora": colora.parts,
+}
 METHODS = tuple(REGISTRY)
 
 __all__ = ["METHODS", "REGISTRY", "Adaptation", "Parts", "build", "init_or_given"]
