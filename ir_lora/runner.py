@@ -84,7 +84,9 @@ def load_params(config, path: str) -> tuple[Any, str]:
         raise ValueError(
             f"Params in {directory!r} do not fit model {variant!r} {overrides or ''}: {error}"
         ) from error
-    return params, directory
+    # Host arrays: orbax restores onto the devices the export was written from, which need not
+    # be this run's mesh; the jitted init places them by the mesh's shardings instead.
+    return jax.device_get(params), directory
 
 
 def load_backbone(config) -> tuple[Any, str]:
