@@ -12,6 +12,12 @@ Each method is a module here with `parts(config, model, sample) -> Parts`, regis
 * `full`: every parameter trains (pre-training, full fine-tuning).
 * `lora`: LoRA factors on the targeted layers, plus biases and norms when `tune_bias_norm`;
   everything else is frozen and gets neither gradients nor optimizer state.
+* `adaptir`: AdaptIR adapters beside every feed-forward path; the backbone is frozen.
+* `moe`: LoRA-IR, mixtures of low-rank experts on every conv routed per image by a frozen
+  degradation router, with degradation-aware modulation of the encoder stages.
+
+A method that needs more than the backbone at init (the router, a previous stage's modulation)
+registers a loader in `LOADERS`: `loader(config, load_params) -> (init tree, path)`.
 """
 
 import dataclasses
@@ -23,14 +29,34 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ir_lora import train_lib
-from ir_lora.methods import full, lora
+from ir_lora.methods import adaptir, full, lora, moe
 from ir_lora.methods.base import Parts, init_or_given
 from ir_lora.peft import partition, report
 
-REGISTRY: dict[str, Callable[..., Parts]] = {"full": full.parts, "lora": lora.parts}
+REGISTRY: dict[str, Callable[..., Parts]] = {
+    "full": full.parts,
+    "lora": lora.parts,
+    "adaptir": adaptir.parts,
+    "moe": moe.parts,
+}
+LOADERS: dict[str, Callable[..., tuple[Any, str | None]]] = {"moe": moe.load}
 METHODS = tuple(REGISTRY)
 
-__all__ = ["METHODS", "REGISTRY", "Adaptation", "Parts", "build", "init_or_given"]
+__all__ = [
+    "LOADERS",
+    "METHODS",
+    "REGISTRY",
+    "Adaptation",
+    "Parts",
+    "build",
+    "init_or_given",
+    "trains_backbone",
+]
+
+
+def trains_backbone(config) -> bool:
+    """Whether `config.method` trains every backbone parameter (allowed for pre-training)."""
+    return config.method == "full" or (config.method == "moe" and config.moe.train == "backbone")
 
 
 @dataclasses.dataclass(frozen=True)
