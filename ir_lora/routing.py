@@ -12,7 +12,8 @@ Config section `router` (see configs/common.py):
   stage trains the MLP and head exactly as it trains the CNN.
 
     from ir_lora import routing
-    routing.register_encoder("clip-l14", lambda views: my_clip(clip_normalize(views)), view_size=336)
+    encode = lambda views: my_clip(router.clip_normalize(views))  # (M, 336, 336, 3) -> (M, D)
+    routing.register_encoder("clip-l14", encode, view_size=336)
     # then: python train.py --config configs/moe_router.py --config.router.encoder=clip-l14 ...
 
     (register it in the process that runs train.py / eval.py, e.g. a small launcher script.)

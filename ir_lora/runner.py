@@ -177,8 +177,10 @@ def _check_config(config) -> None:
     if config.stage not in STAGES:
         raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
     if config.stage == "pretrain" and not methods.trains_backbone(config):
-        raise ValueError(f"stage='pretrain' trains every backbone parameter: method must be "
-                         f"'full' (or 'moe' with moe.train='backbone'), got {config.method!r}")  # fmt: skip
+        raise ValueError(
+            "stage='pretrain' trains every backbone parameter: method must be 'full' (or 'moe' "
+            f"with moe.train='backbone'), got {config.method!r}"
+        )
 
 
 def build_adaptation(config, model) -> methods.Adaptation:
