@@ -113,3 +113,20 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.save_images = False
     config.eval.save_comparisons = True
     return config
+
+
+def small_nafnet(config) -> None:
+    """The CPU-size NAFNet of the quickstart and the adapter experiments (width 16, 3 levels)."""
+    config.model.variant = "nafnet-tiny"
+    config.model.overrides.width = 16
+    config.model.overrides.enc_blk_nums = (1, 1, 1)
+    config.model.overrides.middle_blk_num = 1
+    config.model.overrides.dec_blk_nums = (1, 1, 1)
+
+
+def one_degradation_per_image(config) -> None:
+    """PROD applies exactly one of `config.moe.classes` to each training crop (all-in-one data)."""
+    config.prod.ops = list(config.moe.classes)
+    config.prod.mode = "single"
+    config.prod.min_degradations = 1
+    config.prod.max_degradations = 1

@@ -173,10 +173,12 @@ def parts(config, model: nn.Module, sample) -> Parts:
         return weights, prior
 
     def variables_fn(rng, tree):
-        if tree is None or tree.get(ROUTER) is None:
-            raise ValueError("moe: the init tree must hold the trained router (methods.LOADERS)")
-        params_key, adapters_key, prior_key = jax.random.split(rng, 3)
+        """`tree` is `load`'s; plain backbone params or None (parameter reports) get a fresh
+        router, which only `load` (run by train.py and eval.py) replaces by the trained one."""
+        params_key, adapters_key, prior_key, router_key = jax.random.split(rng, 4)
         images = jnp.zeros(sample.shape, sample.dtype)
+        if tree is None or ROUTER not in tree:
+            tree = {"params": tree, ROUTER: router.init(router_key, images)["params"]}
         variables = {
             "params": init_or_given(model, sample, params_key, tree.get("params")),
             ROUTER: tree[ROUTER],
