@@ -1,7 +1,8 @@
 """Every config section with its defaults; `configs/*.py` start here and override deltas only.
 
 Sections:
-  stage, method: "pretrain" | "finetune"; "full" | "lora" (see ir_lora/runner.py, methods.py).
+  stage, method: "pretrain" | "finetune" (also "router", "quickstart", "allinone": train.py);
+    "full" | "lora" | "adaptir" | "moe" (see ir_lora/runner.py, ir_lora/methods/).
   model: `variant` from `ir_lora.models.VARIANTS`, `overrides` of its constructor arguments.
   init: the pre-trained backbone of a fine-tune: `checkpoint` (exported params or a workdir) or
     `torch` (an official `.pth`, with `torch_key` to pick `params`/`params_ema`).
