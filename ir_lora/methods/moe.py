@@ -230,13 +230,15 @@ def load(config, load_params) -> tuple[dict, str]:
     """
     _check(config)
     router_params, router_path = routing.load_router(config.router)
+    # Host arrays: restored arrays are committed to one device, which a sharded init refuses.
+    router_params = jax.device_get(router_params)
     tree = {"params": None, MODULATION: None, ROUTER: router_params}
     checkpoint, torch_path = config.init.get("checkpoint", ""), config.init.get("torch", "")
     if checkpoint and torch_path:
         raise ValueError("config.init: give at most one of checkpoint and torch")
     previous = os.path.join(checkpoint, VARIABLES_DIR) if checkpoint else ""
     if previous and os.path.isdir(previous):
-        variables = ocp.StandardCheckpointer().restore(os.path.abspath(previous))
+        variables = jax.device_get(ocp.StandardCheckpointer().restore(os.path.abspath(previous)))
         tree["params"] = variables["params"]
         tree[MODULATION] = variables.get(MODULATION)
         return tree, os.path.abspath(previous)
