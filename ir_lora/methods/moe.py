@@ -243,7 +243,8 @@ def load(config, load_params) -> tuple[dict, str]:
         tree[MODULATION] = variables.get(MODULATION)
         return tree, os.path.abspath(previous)
     if checkpoint or torch_path:
-        tree["params"], path = load_params(config, checkpoint or torch_path)
+        params, path = load_params(config, checkpoint or torch_path)
+        tree["params"] = jax.device_get(params)
         return tree, path
     if config.stage == "finetune":
         raise ValueError("moe with stage='finetune' needs config.init.checkpoint or init.torch")
