@@ -150,7 +150,7 @@ def test_router_then_experts_through_train_and_eval(tmp_path):
         config.model.variant = "nafnet-tiny"
         config.data.source_dir = str(tmp_path / "clean")
         config.data.data_dir = str(tmp_path / "tfds")
-        config.data.gt_size, config.data.batch_size = 16, 2
+        config.data.gt_size, config.data.batch_size = 16, 8  # divisible by the 8 test devices
         config.num_train_steps, config.log_every_steps = 2, 1
         config.optimizer.warmup_steps = 0
         config.moe.classes = ("noise", "jpeg")
