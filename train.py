@@ -1,6 +1,7 @@
 """Trains with an ml-collections config: `python train.py --config configs/NAME.py --workdir DIR`.
 
-Thin entry point; the logic lives in `ir_lora.runner` (stages) and `ir_lora.quickstart`.
+Thin entry point; the logic lives in `ir_lora.runner` (stages), `ir_lora.router_stage` (the
+LoRA-IR router), `ir_lora.quickstart` and `ir_lora.allinone` (offline experiments).
 Override any config value on the command line, e.g. `--config.num_train_steps=100`; unknown keys
 are errors that name the nearest valid key.
 """
@@ -24,10 +25,14 @@ def main(argv):
     sharding.maybe_initialize_distributed()
     logging.set_verbosity(logging.INFO)
     tfds.disable_progress_bar()  # The trainer has its own; TFDS's bars clutter the logs.
-    from ir_lora import quickstart, runner
+    from ir_lora import allinone, quickstart, router_stage, runner
 
     if FLAGS.config.stage == "quickstart":
         quickstart.run(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.config.stage == "router":
+        router_stage.train(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.config.stage == "allinone":
+        allinone.run(FLAGS.config, FLAGS.workdir)
     else:
         runner.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

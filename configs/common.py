@@ -1,7 +1,8 @@
 """Every config section with its defaults; `configs/*.py` start here and override deltas only.
 
 Sections:
-  stage, method: "pretrain" | "finetune" | "contributions"; "full" | "lora" | "colora" (see
+  stage, method: "pretrain" | "finetune" | "contributions" (also "router", "quickstart",
+    "allinone": train.py); "full" | "lora" | "colora" | "adaptir" | "moe" (see
     ir_lora/runner.py, ir_lora/methods/), or "multilora" (UIR-LoRA: composes trained LoRA runs;
     its `multilora` section is `ir_lora.uir.run.default_config()`, example in configs/uirlora.py).
   model: `variant` from `ir_lora.models.VARIANTS`, `overrides` of its constructor arguments.
@@ -20,6 +21,16 @@ Sections:
     Ranks: `rule` "delta" | "proportional" under `budget_fraction` of the backbone, with
     `normalize`, `beta`, `delta_min`, `r_min`, `tolerance` (`ir_lora.colora.allocate_ranks`).
     Adapters: `alpha` (0: scale 1), `tune_bias_norm`, `also_train` as for `lora`.
+  adaptir: AdaptIR beside every feed-forward path (ir_lora/methods/adaptir.py): hidden width
+    `hidden` (0: max(min_hidden, width // divisor) per block), `rank` (0: hidden // 2),
+    channel-gate `reduction`, `norm` ("layer" or "none").
+  moe: LoRA-IR (ir_lora/methods/moe.py): `classes` (degradation names, one expert each), expert
+    `rank` and `alpha` (0: scale 1), `route` ("top1" | "topk" | "soft") with `top_k`, execution
+    `path` ("branches" | "merged"), `train` ("experts" | "backbone"), `modulation` (DAM on),
+    its widths `prior_features`, `dam_hidden`, `dam_reduction`.
+  router: the degradation router (ir_lora/routing.py): `checkpoint` (a router workdir),
+    `encoder` ("" = the small CNN with `widths`, `embed_dim`; or a registered frozen encoder
+    with the multi-view MLP `mlp_widths`).
   prod: the PROD sampler (`ir_lora.degradations.default_config()`), used when pre-training.
   data: training set (`ir_lora.data.prepare` names, see data/README.md), crop `gt_size`, global
     `batch_size`, BasicSR augmentation flags, `noise_sigma` (0..255; 0 = none) for clean sets.
@@ -87,6 +98,34 @@ def base_config() -> ml_collections.ConfigDict:
     config.colora.tune_bias_norm = True
     config.colora.also_train = ()
 
+    config.adaptir = ml_collections.ConfigDict()
+    config.adaptir.hidden = 0
+    config.adaptir.divisor = 4
+    config.adaptir.min_hidden = 8
+    config.adaptir.rank = 0
+    config.adaptir.reduction = 4
+    config.adaptir.norm = "layer"
+
+    config.moe = ml_collections.ConfigDict()
+    config.moe.classes = ("blur", "noise", "rain", "jpeg")
+    config.moe.rank = 4
+    config.moe.alpha = 0.0
+    config.moe.route = "top1"
+    config.moe.top_k = 1
+    config.moe.path = "branches"
+    config.moe.train = "experts"
+    config.moe.modulation = True
+    config.moe.prior_features = 128
+    config.moe.dam_hidden = 64
+    config.moe.dam_reduction = 4
+
+    config.router = ml_collections.ConfigDict()
+    config.router.checkpoint = ""
+    config.router.encoder = ""
+    config.router.widths = (16, 32, 64, 64)
+    config.router.embed_dim = 64
+    config.router.mlp_widths = (768, 384)
+
     config.prod = degradations.default_config()
 
     config.data = ml_collections.ConfigDict()
@@ -99,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.use_hflip = True
     config.data.use_rot = True
     config.data.noise_sigma = 0.0
+    config.data.degrade = ""  # "prod": PROD synthesises the inputs of a fine-tune too
 
     config.eval = ml_collections.ConfigDict()
     config.eval.datasets = ml_collections.ConfigDict()
@@ -110,3 +150,20 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.save_images = False
     config.eval.save_comparisons = True
     return config
+
+
+def small_nafnet(config) -> None:
+    """The CPU-size NAFNet of the quickstart and the adapter experiments (width 16, 3 levels)."""
+    config.model.variant = "nafnet-tiny"
+    config.model.overrides.width = 16
+    config.model.overrides.enc_blk_nums = (1, 1, 1)
+    config.model.overrides.middle_blk_num = 1
+    config.model.overrides.dec_blk_nums = (1, 1, 1)
+
+
+def one_degradation_per_image(config) -> None:
+    """PROD applies exactly one of `config.moe.classes` to each training crop (all-in-one data)."""
+    config.prod.ops = list(config.moe.classes)
+    config.prod.mode = "single"
+    config.prod.min_degradations = 1
+    config.prod.max_degradations = 1

@@ -93,8 +93,19 @@ def _row(label: str, mean: dict, key: str) -> str:
     return f"| {label} | {mean[key + 'psnr']:.2f} | {mean[key + 'ssim']:.4f} |"
 
 
-def summary(pretrained: dict, finetuned: dict, report) -> str:
+# What trains, per fine-tuning method, for the summary line.
+_TRAINED = {
+    "lora": ("LoRA", "LoRA factors plus biases and norms"),
+    "adaptir": ("AdaptIR", "AdaptIR adapters beside every feed-forward path"),
+    "full": ("full fine-tuning", "every parameter"),
+}
+
+
+def summary(
+    pretrained: dict, finetuned: dict, report, method: str = "lora", num_pairs: int = 16
+) -> str:
     """The quickstart's result table (held-out hazy photographs, mean over images)."""
+    label, trained = _TRAINED.get(method, (method, method))
     base = pretrained["datasets"]["haze"]["mean"]
     tuned = finetuned["datasets"]["haze"]["mean"]
     n = finetuned["datasets"]["haze"]["num_images"]
@@ -105,10 +116,10 @@ def summary(pretrained: dict, finetuned: dict, report) -> str:
         "|---|---|---|",
         _row("degraded input", base, "input_"),
         _row("PROD pre-trained (never saw haze)", base, ""),
-        _row("+ LoRA fine-tuned on 16 haze pairs", tuned, ""),
+        _row(f"+ {label} fine-tuned on {num_pairs} haze pairs", tuned, ""),
         "",
         f"Trainable parameters: {report.trainable:,} of {report.base:,} "
-        f"({report.trainable_percent:.2f}% of the backbone; LoRA factors plus biases and norms).",
+        f"({report.trainable_percent:.2f}% of the backbone; {trained}).",
     ]
     return "\n".join(lines)
 
@@ -132,7 +143,7 @@ def run(config, workdir: str) -> str:
         finetune.data.source_dir = folders["haze"]
         finetune.data.data_dir = tfds_dir
         finetune.eval.datasets.haze.source_dir = folders["haze"]
-    logging.info("Quickstart 2/3: LoRA fine-tuning on haze")
+    logging.info("Quickstart 2/3: %s fine-tuning on haze", finetune.method)
     tuned = runner.train_and_evaluate(finetune, os.path.join(workdir, "finetune"))
 
     logging.info("Quickstart 3/3: the pre-trained model on the same held-out images")
@@ -141,7 +152,13 @@ def run(config, workdir: str) -> str:
         checkpoint=os.path.join(workdir, "pretrain"),
         out_dir=os.path.join(workdir, "pretrain", "eval_haze"),
     )
-    text = summary(pretrained, tuned["eval"], tuned["report"])
+    text = summary(
+        pretrained,
+        tuned["eval"],
+        tuned["report"],
+        method=finetune.method,
+        num_pairs=config.num_pairs,
+    )
     with open(os.path.join(workdir, "quickstart.md"), "w") as f:
         f.write(text + "\n")
     print(text)

@@ -14,7 +14,8 @@ Stages (`config.stage`):
   `ranks.json` is what `method="colora"` reads.
 
 Every run ends by exporting the plain inference params (adapters merged) to
-`<workdir>/export/params` and evaluating `config.eval.datasets` into `<workdir>/eval/`.
+`<workdir>/export/params` (methods that cannot merge: all variable collections to
+`<workdir>/export/variables`) and evaluating `config.eval.datasets` into `<workdir>/eval/`.
 """
 
 import logging
@@ -36,6 +37,8 @@ from ir_lora.peft import partition
 
 STAGES = ("pretrain", "finetune", "contributions")
 EXPORT_DIR = os.path.join("export", "params")
+# Methods whose adapters cannot be merged (AdaptIR, mixtures of experts) export every collection.
+EXPORT_VARIABLES_DIR = os.path.join("export", "variables")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,15 +185,21 @@ def run_evaluation(config, restore_fn, params, datasets, out_dir: str) -> dict:
 def _check_config(config) -> None:
     if config.stage not in STAGES:
         raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
-    if config.stage == "pretrain" and config.method != "full":
-        raise ValueError(f"stage='pretrain' trains every parameter: method must be 'full', got "
-                         f"{config.method!r}")  # fmt: skip
+    if config.stage == "pretrain" and not methods.trains_backbone(config):
+        raise ValueError(
+            "stage='pretrain' trains every backbone parameter: method must be 'full' (or 'moe' "
+            f"with moe.train='backbone'), got {config.method!r}"
+        )
 
 
 def build_adaptation(config, model) -> methods.Adaptation:
-    """The config's method on `model`, with PROD inside the step when pre-training."""
+    """The config's method on `model`, with PROD inside the step when pre-training.
+
+    `config.data.degrade = "prod"` also synthesises the inputs of a fine-tune with PROD (clean
+    `images` data; e.g. one degradation per image with `prod.mode = "single"`).
+    """
     degrade_fn = None
-    if config.stage == "pretrain":
+    if config.stage == "pretrain" or config.data.get("degrade", "") == "prod":
         from ir_lora import degradations  # The sampler is only needed when pre-training.
 
         prod_config = config.prod
@@ -254,10 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config = pipeline.with_ranks(config, workdir, compute_missing=True)
     model = build_model(config)
     adaptation = build_adaptation(config, model)
-    backbone, backbone_path, init_args = None, None, ()
-    if config.stage == "finetune":
-        backbone, backbone_path = load_backbone(config)
-        init_args = (backbone,)
+    init_args, backbone_path = _init_args(config)
     shapes = models.param_shapes(config.model.variant, **dict(config.model.get("overrides", {})))
     report = adaptation.report(shapes)
     logging.info("Parameters (%s, method=%s):\n%s", config.model.variant, config.method, report)
@@ -277,14 +283,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         eval_fn=sample_images_fn(adaptation, samples, seed=config.seed),
     )
     variables = jax.device_get(partition.combine(state.trainable, frozen))
-    params = adaptation.merge_fn(variables)
-    export = export_params(params, os.path.join(workdir, EXPORT_DIR)) if config.export else None
+    restore_fn, params = inference(adaptation, model, variables)
+    export = None
+    if config.export:
+        where = EXPORT_DIR if adaptation.merge_fn is not None else EXPORT_VARIABLES_DIR
+        export = export_params(params, os.path.join(workdir, where))
 
     results = None
     if config.eval.datasets:
         results = run_evaluation(
             config,
-            lambda p, x: model.apply({"params": p}, x),
+            restore_fn,
             params,
             eval_datasets(config, workdir),
             os.path.join(workdir, "eval"),
@@ -292,20 +301,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"report": report, "export": export, "eval": results}
 
 
-def restore_trained(config, workdir: str) -> tuple[Any, methods.Adaptation, Any]:
-    """The newest checkpoint of a training workdir as plain params (adapters merged).
+def _init_args(config) -> tuple[tuple, str | None]:
+    """`(init_args, path)`: what `init_fn` gets after the key, and what checkpoints reference.
+
+    A method with its own loader (`methods.LOADERS`, e.g. `moe`: backbone, modulation and router)
+    uses it; otherwise a fine-tune loads the backbone of `config.init` and pre-training nothing.
+    """
+    loader = methods.LOADERS.get(config.method)
+    if loader is not None:
+        tree, path = loader(config, load_params)
+        return (tree,), path
+    if config.stage == "finetune":
+        backbone, path = load_backbone(config)
+        return (backbone,), path
+    return (), None
+
+
+def inference(adaptation: methods.Adaptation, model, variables) -> tuple[Any, Any]:
+    """`(restore_fn(params, images), params)` for evaluation and export.
+
+    Mergeable methods give the plain backbone params (adapters folded in); the others (AdaptIR,
+    mixtures of experts) keep every variable collection and run the method's forward pass.
+    """
+    if adaptation.merge_fn is not None:
+        return (lambda p, x: model.apply({"params": p}, x)), adaptation.merge_fn(variables)
+    return (lambda v, x: adaptation.method.apply_fn(v, {}, x)), variables
+
+
+def restore_trained(config, workdir: str) -> tuple[dict, methods.Adaptation, int]:
+    """The newest checkpoint of a training workdir as variables (every collection, unmerged).
 
     The backbone comes from `config.init` and is checked against the hash the checkpoint
-    recorded. Returns `(params, adaptation, step)`.
-    """
-    variables, adaptation, step = restore_variables(config, workdir)
-    return adaptation.merge_fn(variables), adaptation, step
-
-
-def restore_variables(config, workdir: str) -> tuple[dict, methods.Adaptation, int]:
-    """The newest checkpoint of a training workdir as unmerged variables (`"params"`, adapters).
-
-    As `restore_trained`, but the adapters stay separate (e.g. to compose several LoRAs).
+    recorded. Returns `(variables, adaptation, step)`; `inference` turns them into a restore
+    function and its params (adapters merged where the method allows).
     """
     if config.method == "colora":
         from ir_lora.colora import pipeline
@@ -313,10 +341,7 @@ def restore_variables(config, workdir: str) -> tuple[dict, methods.Adaptation, i
         config = pipeline.with_ranks(config, workdir, compute_missing=False)
     model = build_model(config)
     adaptation = build_adaptation(config, model)
-    backbone_path, init_args = None, ()
-    if config.stage == "finetune":
-        backbone, backbone_path = load_backbone(config)
-        init_args = (backbone,)
+    init_args, backbone_path = _init_args(config)
     steps = int(config.num_train_steps)
     tx = train_lib.make_optimizer(config.optimizer, num_train_steps=steps)
     state, frozen, _, _ = train_lib.create_train_state(
@@ -361,18 +386,20 @@ def evaluate(
         from ir_lora.uir import run as multilora
 
         return multilora.evaluate(config, workdir, datasets=datasets, out_dir=out_dir)
+    model = build_model(config)
     if checkpoint:
         params, where = load_params(config, checkpoint)
         base = where if os.path.isdir(where) else os.path.dirname(where)
+        restore_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
     else:
-        params, _, step = restore_trained(config, workdir)
+        variables, adaptation, step = restore_trained(config, workdir)
+        restore_fn, params = inference(adaptation, model, variables)
         base = os.path.abspath(workdir)
         logging.info("Evaluating step %d of %s", step, workdir)
-    model = build_model(config)
     data_root = workdir or os.path.dirname(base)
     return run_evaluation(
         config,
-        lambda p, x: model.apply({"params": p}, x),
+        restore_fn,
         params,
         eval_datasets(config, data_root, datasets),
         out_dir or os.path.join(base, "eval"),

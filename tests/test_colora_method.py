@@ -193,9 +193,9 @@ def test_colora_one_command_from_faig_to_adapters_only_checkpoint(task, tmp_path
     assert ranks["tune_bias_norm"] and out["report"].trainable == ranks["trainable_params"]
     # The probe's full fine-tune leaves no full-size checkpoint behind.
     assert not (workdir / "colora" / "probe" / "checkpoints").exists()
-    params, adaptation, step = runner.restore_trained(config, str(workdir))
+    variables, adaptation, step = runner.restore_trained(config, str(workdir))
     assert step == 2
-    trainable, _ = adaptation.method.init_fn(jax.random.key(0), params)
+    trainable, _ = adaptation.method.init_fn(jax.random.key(0), variables["params"])
     assert _size(trainable) == ranks["trainable_params"]
     # The checkpoint's tree (orbax metadata): adapters, biases/norms and their optimizer state;
     # no backbone kernel and no optimizer state of one.

@@ -45,8 +45,9 @@ def _check_images(images: jax.Array, where: str) -> None:
 class DegradationEncoder(nn.Module):
     """A small CNN that predicts which degradations an image carries.
 
-    Each stage is a stride-2 3x3 conv and a 3x3 conv (GELU after each); global average pooling,
-    `Dense(embed_dim)` + GELU gives the embedding, `Dense(num_degradations)` the logits
+    Each stage is a stride-2 3x3 conv and a 3x3 conv (GELU after each); the per-channel mean and
+    log standard deviation over the image of every stage, concatenated, through
+    `Dense(embed_dim)` + GELU give the embedding, `Dense(num_degradations)` the logits
     (independent sigmoids: several degradations can be present at once).
 
     Attributes:
@@ -63,10 +64,15 @@ class DegradationEncoder(nn.Module):
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         _check_images(images, "DegradationEncoder")
         x = images - 0.5
+        pooled = []
         for i, width in enumerate(self.widths):
             x = nn.gelu(layers.Conv(width, (3, 3), strides=2, padding=1, name=f"down{i}")(x))
             x = nn.gelu(layers.Conv(width, (3, 3), padding=1, name=f"conv{i}")(x))
-        pooled = jnp.mean(x, axis=(1, 2))
+            # Mean and log standard deviation of every stage: degradations are texture
+            # statistics (noise, blur, blocking) at several scales, which a last-stage mean
+            # washes out (a mean-pooled CNN stayed at the label base rates on PROD crops).
+            pooled += [jnp.mean(x, axis=(1, 2)), 0.5 * jnp.log(jnp.var(x, axis=(1, 2)) + 1e-6)]
+        pooled = jnp.concatenate(pooled, axis=-1)
         embedding = nn.gelu(nn.Dense(self.embed_dim, name="embed")(pooled))
         logits = nn.Dense(self.num_degradations, name="head")(embedding)
         return embedding, logits

@@ -14,6 +14,12 @@ Each method is a module here with `parts(config, model, sample) -> Parts`, regis
 * `lora`: LoRA factors on the targeted layers, plus biases and norms when `tune_bias_norm`;
   everything else is frozen and gets neither gradients nor optimizer state.
 * `colora`: LoRA with per-layer ranks from a CoLoRA ranks file (`colora.ranks`).
+* `adaptir`: AdaptIR adapters beside every feed-forward path; the backbone is frozen.
+* `moe`: LoRA-IR, mixtures of low-rank experts on every conv routed per image by a frozen
+  degradation router, with degradation-aware modulation of the encoder stages.
+
+A method that needs more than the backbone at init (the router, a previous stage's modulation)
+registers a loader in `LOADERS`: `loader(config, load_params) -> (init tree, path)`.
 """
 
 import dataclasses
@@ -25,7 +31,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ir_lora import train_lib
-from ir_lora.methods import colora, full, lora
+from ir_lora.methods import adaptir, colora, full, lora, moe
 from ir_lora.methods.base import Parts, init_or_given
 from ir_lora.peft import partition, report
 
@@ -33,10 +39,27 @@ REGISTRY: dict[str, Callable[..., Parts]] = {
     "full": full.parts,
     "lora": lora.parts,
     "colora": colora.parts,
+    "adaptir": adaptir.parts,
+    "moe": moe.parts,
 }
+LOADERS: dict[str, Callable[..., tuple[Any, str | None]]] = {"moe": moe.load}
 METHODS = tuple(REGISTRY)
 
-__all__ = ["METHODS", "REGISTRY", "Adaptation", "Parts", "build", "init_or_given"]
+__all__ = [
+    "LOADERS",
+    "METHODS",
+    "REGISTRY",
+    "Adaptation",
+    "Parts",
+    "build",
+    "init_or_given",
+    "trains_backbone",
+]
+
+
+def trains_backbone(config) -> bool:
+    """Whether `config.method` trains every backbone parameter (allowed for pre-training)."""
+    return config.method == "full" or (config.method == "moe" and config.moe.train == "backbone")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,7 +93,7 @@ def load_runs(config, backbone_path: str):
         _check_run(name, workdir, run, config)
         with run.unlocked():  # restore against *our* backbone: its hash must match the run's
             run.init.checkpoint, run.init.torch = backbone_path, ""
-        variables, _, step = runner.restore_variables(run, workdir)
+        variables, _, step = runner.restore_trained(run, workdir)
         logging.info("multilora: LoRA %r from %s (step %d)", name, workdir, step)
         trees.append(variables[lora_lib.COLLECTION])
         lora_configs.append(lora_method.lora_config(run.lora))

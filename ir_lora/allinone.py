@@ -1,0 +1,201 @@
+"""The offline all-in-one experiment (configs/moe_allinone.py): LoRA-IR's three stages, then a
+mixed-degradation test set scored per degradation, with the router's accuracy.
+
+Data (no download): scikit-image's photographs (`data.samples`). The training photographs give
+clean crops that PROD degrades on the device with one degradation per crop from `moe.classes`.
+The held-out photographs are cut into tiles and each tile gets a different degradation (tile i
+gets class i mod K, parameters drawn from PROD's ranges), so the test set mixes every class.
+File names are `<class>_<photo>_<i>.png`, which is how results are grouped.
+
+Stages (each exactly what `train.py` runs with the corresponding config):
+1. router (configs/moe_router.py), 2. backbone + modulation with the router embedding
+(configs/moe_backbone.py), 3. experts + modulation only (configs/moe_experts.py).
+Stage 2's model is evaluated on the same test set, so the table shows what the experts add.
+"""
+
+import collections
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from ir_lora import degradations, router_stage, routing, runner
+from ir_lora.data import samples
+from ir_lora.quickstart import _save, _shrink, _to_uint8
+
+
+def degrade_one(key, clean: np.ndarray, name: str, prod_config) -> np.ndarray:
+    """One uint8 image with the single degradation `name` (parameters from PROD's ranges)."""
+    prod = ml_collections.ConfigDict(prod_config.to_dict())
+    prod.ops, prod.mode = [name], "single"
+    prod.min_degradations = prod.max_degradations = 1
+    image = jnp.asarray(clean, jnp.float32)[None] / 255.0
+    out, labels = degradations.prod(key, image, prod)
+    if float(labels["present"][0, degradations.NAMES.index(name)]) != 1.0:
+        raise AssertionError(f"PROD did not apply {name!r}")
+    return _to_uint8(out[0])
+
+
+def write_data(config, root: str) -> dict[str, str]:
+    """Clean training photographs and the mixed test pairs under `root`."""
+    photos = {n: _shrink(p, config.photos_max_side) for n, p in samples.sample_photos()}
+    held_out = set(config.eval_photos)
+    clean_dir, mixed_dir = os.path.join(root, "clean"), os.path.join(root, "mixed")
+    for name, pixels in photos.items():
+        if name not in held_out:
+            _save(os.path.join(clean_dir, f"{name}.png"), pixels)
+    classes, size = list(config.classes), int(config.tile_size)
+    key = jax.random.key(int(config.seed))
+    count = 0
+    for photo in sorted(held_out):
+        pixels = photos[photo]
+        rows, cols = pixels.shape[0] // size, pixels.shape[1] // size
+        for i in range(rows * cols):
+            r, c = divmod(i, cols)
+            tile = np.ascontiguousarray(
+                pixels[r * size : (r + 1) * size, c * size : (c + 1) * size]
+            )
+            name = classes[count % len(classes)]
+            lq = degrade_one(jax.random.fold_in(key, count), tile, name, config.prod)
+            file = f"{name}_{photo}_{i}.png"
+            _save(os.path.join(mixed_dir, "val", "gt", file), tile)
+            _save(os.path.join(mixed_dir, "val", "lq", file), lq)
+            count += 1
+    return {"clean": clean_dir, "mixed": mixed_dir}
+
+
+def per_degradation(results: dict, dataset: str = "mixed") -> dict[str, dict[str, float]]:
+    """`{class: {"psnr", "ssim", "input_psnr", "n"}}` from per-image rows named `<class>_...`."""
+    groups = collections.defaultdict(list)
+    for row in results["datasets"][dataset]["images"]:
+        groups[row["name"].split("_")[0]].append(row)
+    out = {}
+    for name, rows in sorted(groups.items()):
+        out[name] = {
+            k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "input_psnr")
+        }
+        out[name]["n"] = len(rows)
+    return out
+
+
+def test_routing_accuracy(router_config, classes, folder: str) -> tuple[float, dict]:
+    """Top-1 routing accuracy over `classes` on the test inputs (overall and per class)."""
+    params, _ = routing.load_router(router_config)
+    model = routing.build_router(router_config)
+    lq_dir = os.path.join(folder, "val", "lq")
+    hits = collections.Counter()
+    totals = collections.Counter()
+    for file in sorted(os.listdir(lq_dir)):
+        truth = file.split("_")[0]
+        image = np.asarray(Image.open(os.path.join(lq_dir, file)).convert("RGB"), np.float32)
+        _, logits = model.apply({"params": params}, jnp.asarray(image[None] / 255.0))
+        predicted = classes[int(routing.predicted_class(logits, classes)[0])]
+        hits[truth] += predicted == truth
+        totals[truth] += 1
+    per_class = {c: hits[c] / totals[c] for c in sorted(totals)}
+    return sum(hits.values()) / sum(totals.values()), per_class
+
+
+def _stage(section, updates: dict):
+    with section.unlocked():
+        for dotted, value in updates.items():
+            *parents, leaf = dotted.split(".")
+            node = section
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    return section
+
+
+def summary(classes, stage2: dict, stage3: dict, accuracy, per_class, report) -> str:
+    lines = [
+        "Mixed-degradation test set (held-out photographs, each tile one degradation), "
+        "PSNR (dB) / SSIM per degradation, BasicSR conventions:",
+        "",
+        "| degradation | tiles | degraded input | stage 2: backbone + DAM | stage 3: + experts |"
+        " routing acc. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in classes:
+        a, b = stage2[name], stage3[name]
+        lines.append(
+            f"| {name} | {b['n']} | {a['input_psnr']:.2f} | {a['psnr']:.2f} / {a['ssim']:.4f} | "
+            f"{b['psnr']:.2f} / {b['ssim']:.4f} | {per_class.get(name, 0.0):.2f} |"
+        )
+    mean = lambda d, k: float(np.mean([d[c][k] for c in classes]))  # noqa: E731
+    lines += [
+        f"| mean over classes | | {mean(stage2, 'input_psnr'):.2f} | {mean(stage2, 'psnr'):.2f}"
+        f" / {mean(stage2, 'ssim'):.4f} | {mean(stage3, 'psnr'):.2f} / {mean(stage3, 'ssim'):.4f}"
+        f" | {accuracy:.2f} |",
+        "",
+        f"Stage 3 trainable parameters: {report.trainable:,} of {report.base:,} "
+        f"({report.trainable_percent:.2f}% of the backbone; experts plus modulation).",
+    ]
+    return "\n".join(lines)
+
+
+def run(config, workdir: str) -> str:
+    """Runs the three stages and the evaluation in `workdir`; returns the summary table."""
+    workdir = os.path.abspath(workdir)
+    folders = write_data(config, os.path.join(workdir, "data"))
+    tfds_dir = os.path.join(workdir, "tfds")
+    router_dir = os.path.join(workdir, "router")
+    common = {"data.data_dir": tfds_dir, "router.checkpoint": router_dir}
+    mixed_eval = {"eval.datasets.mixed.source_dir": folders["mixed"]}
+
+    logging.info("All-in-one 1/3: the degradation router")
+    _stage(config.router_stage, {**common, "data.source_dir": folders["clean"]})
+    router = router_stage.train(config.router_stage, router_dir)
+
+    logging.info("All-in-one 2/3: backbone + modulation with the router embedding")
+    backbone = _stage(
+        config.backbone, {**common, **mixed_eval, "data.source_dir": folders["clean"]}
+    )
+    stage2 = runner.train_and_evaluate(backbone, os.path.join(workdir, "backbone"))
+
+    logging.info("All-in-one 3/3: experts (and modulation) only")
+    experts = _stage(
+        config.experts,
+        {
+            **common,
+            **mixed_eval,
+            "data.source_dir": folders["clean"],
+            "init.checkpoint": os.path.join(workdir, "backbone"),
+        },
+    )
+    stage3 = runner.train_and_evaluate(experts, os.path.join(workdir, "experts"))
+
+    classes = list(config.classes)
+    accuracy, per_class = test_routing_accuracy(experts.router, classes, folders["mixed"])
+    text = summary(
+        classes,
+        per_degradation(stage2["eval"]),
+        per_degradation(stage3["eval"]),
+        accuracy,
+        per_class,
+        stage3["report"],
+    )
+    text += (
+        f"\nRouter: training-crop routing accuracy {router['routing_accuracy']:.3f}; "
+        f"stage-2 trainable parameters {stage2['report'].trainable:,}."
+    )
+    with open(os.path.join(workdir, "allinone.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(workdir, "allinone.json"), "w") as f:
+        json.dump(
+            {
+                "stage2": per_degradation(stage2["eval"]),
+                "stage3": per_degradation(stage3["eval"]),
+                "routing_accuracy": accuracy,
+                "routing_accuracy_per_class": per_class,
+            },
+            f,
+            indent=1,
+        )
+    print(text)
+    return text
