@@ -7,7 +7,8 @@ The methods are `ir_lora.train_lib.Method`s built the way a user builds them:
   depthwise kernels frozen; biases, norms and residual scales train (`partition.lora_rules`).
 * `colora`: the same layers with a fixed non-uniform rank map (`colora_ranks`): higher ranks near
   the input and the output, about the same number of adapter parameters as `lora`.
-* `adaptir`: `ir_lora.adapters.adaptir` beside every block's feed-forward path (when importable).
+* `adaptir`: AdaptIR beside every block's feed-forward path, as `method = "adaptir"` builds it
+  with the default config (`configs/common.py`, section `adaptir`).
 
 Weights are random (drawn with numpy from the parameter shapes: no XLA compilation of the
 initialisers), scaled like a trained network so no value underflows to denormals.
@@ -27,7 +28,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from ir_lora import losses, train_lib
+from ir_lora import losses, methods, train_lib
 from ir_lora.models import build, nafnet
 from ir_lora.peft import intercept, lora, partition
 
@@ -133,14 +134,17 @@ def _lora_method(model, params, sample, config, rng):
 
 
 def _adaptir_method(model, params, sample, rng):
-    try:
-        from ir_lora.adapters import adaptir  # noqa: PLC0415 (lands on main later)
-    except ImportError as e:
-        raise NotImplementedError(f"ir_lora.adapters.adaptir is not importable ({e})") from e
-    attach = getattr(adaptir, "attach_to_nafnet", None) or getattr(adaptir, "rules", None)
-    if attach is None:
-        raise NotImplementedError("ir_lora.adapters.adaptir has no attach helper yet")
-    raise NotImplementedError("AdaptIR attach API not wired into the benchmark yet")
+    """AdaptIR as `train.py` builds it (`method = "adaptir"`, the default `adaptir` section)."""
+    from configs import common as configs_common  # noqa: PLC0415 (benchmarks only)
+
+    config = configs_common.base_config()
+    config.method = "adaptir"
+    adaptation = methods.build(config, model, image_shape=sample.shape)
+    trainable, frozen = jax.jit(adaptation.method.init_fn)(rng, params)
+    # The tail is zero at init (identity); non-zero keeps every branch's gradient honest.
+    trainable = jax.tree.map(lambda v: v + 0.01, trainable)
+    size = sum(x.size for x in jax.tree.leaves(trainable))
+    return train_lib.Method(lambda _: (trainable, frozen), adaptation.method.apply_fn), size
 
 
 def make_setup(
@@ -149,9 +153,6 @@ def make_setup(
     """Builds `method` on `variant` for inputs shaped like `sample` (ShapeDtypeStruct or array).
 
     `overrides` replace constructor fields of the variant (`models.build`), e.g. fewer blocks.
-
-    Raises:
-      NotImplementedError: the method's module is not available in this checkout (message says why).
     """
     model = build(variant, **(overrides or {}))
     params = random_params(intercept.eval_shape_init(model, sample)["params"], seed)
@@ -171,7 +172,8 @@ def make_setup(
         m, size = _lora_method(model, params, sample, config, rng)
         return Setup(method, model, params, m, config, size)
     if method == "adaptir":
-        return _adaptir_method(model, params, sample, rng)
+        m, size = _adaptir_method(model, params, sample, rng)
+        return Setup(method, model, params, m, None, size)
     raise ValueError(f"Unknown method {method!r}; valid: {METHODS}")
 
 

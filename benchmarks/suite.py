@@ -14,8 +14,8 @@ process so that its peak memory is its own:
   with the adapters merged into the kernels;
 * PROD: the sampler alone on the batch, as a share of (sampler + LoRA step).
 
-Rows whose module is not available in this checkout (AdaptIR, PROD) print why instead. Times
-depend on the machine and its load: compare rows of one run.
+A row whose worker fails prints the worker's last error line instead. Times depend on the machine
+and its load: compare rows of one run.
 """
 
 import argparse
@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from ir_lora import degradations  # noqa: E402
 from ir_lora.peft import lora  # noqa: E402
 
 VARIANTS = ("nafnet-sidd-w32", "restormer")
@@ -40,10 +41,7 @@ VARIANTS = ("nafnet-sidd-w32", "restormer")
 
 def _train_row(variant, method, args):
     sample = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
-    try:
-        setup = common.make_setup(variant, method, sample, rank=args.rank)
-    except NotImplementedError as e:
-        return {"skipped": str(e)}
+    setup = common.make_setup(variant, method, sample, rank=args.rank)
     step, state, frozen = common.make_step(setup)
     batch = common.sample_batch(args.batch, args.size)
     compiled, compile_s = common.compile_seconds(step, state, frozen, batch)
@@ -98,15 +96,9 @@ def _inference_row(variant, args):
 
 
 def _prod_row(variant, args):
-    try:
-        from ir_lora import degradations  # noqa: PLC0415 (lands on main later)
-
-        prod, default_config = degradations.prod, degradations.default_config
-    except (ImportError, AttributeError) as e:
-        return {"skipped": f"ir_lora.degradations.prod is not available ({e})"}
-    config = default_config()
+    config = degradations.default_config()
     gt = common.sample_batch(args.batch, args.size)["gt"]
-    sampler = jax.jit(lambda key, x: prod(key, x, config))
+    sampler = jax.jit(lambda key, x: degradations.prod(key, x, config))
     compiled, _ = common.compile_seconds(sampler, jax.random.key(0), gt)
     return {
         "prod_ms": 1e3

@@ -177,8 +177,15 @@ def test_unmerged_equals_merged_per_layer_kind(net_setup, path):
         np.testing.assert_allclose(a, b, atol=1e-6, err_msg=str(n))
 
 
-def test_gradients_equal_the_explicit_branch_reference(net_setup):
-    """The merged-kernel forward (the fast path) differentiates like `W0 x + scale * dW x`."""
+@pytest.mark.parametrize("backward", ["merged", "low_rank"])
+def test_gradients_equal_the_explicit_branch_reference(net_setup, backward, monkeypatch):
+    """Both fast paths differentiate like `W0 x + scale * dW x`: factors, input and kernels.
+
+    "merged": autodiff through the merged kernel; "low_rank": the custom VJP that skips the dense
+    kernel gradient, forced on every ungrouped layer (normally only wide layers take it).
+    """
+    ratio = 0 if backward == "low_rank" else float("inf")
+    monkeypatch.setattr(lora, "LOW_RANK_BACKWARD_RATIO", ratio)
     model, x, params, config, factors = net_setup
     factors = _randomise_up(factors)
     flat_params = traverse_util.flatten_dict(params)
@@ -208,6 +215,29 @@ def test_gradients_equal_the_explicit_branch_reference(net_setup):
     ):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=str(n))
     np.testing.assert_allclose(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+    # Full fine-tuning with LoRA: the frozen kernels' (and biases') gradients too.
+    def reference_params(params):
+        nonlocal flat_params
+        flat_params = traverse_util.flatten_dict(params)
+        return reference(factors, x)
+
+    want = jax.grad(reference_params)(params)
+    got = jax.grad(lambda p: jnp.sum(jnp.tanh(lora.apply(model, p, factors, config, x))))(params)
+    for (n, a), b in zip(
+        traverse_util.flatten_dict(got).items(), traverse_util.flatten_dict(want).values()
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=str(n))
+
+
+def test_low_rank_backward_is_taken_by_wide_ungrouped_layers_only():
+    conv = layers.Conv(256, (1, 1))
+    assert lora.uses_low_rank_backward(conv, (1, 1, 128, 256), rank=4)  # a deep NAFNet 1x1
+    assert not lora.uses_low_rank_backward(conv, (1, 1, 32, 64), rank=4)  # a first-stage 1x1
+    assert not lora.uses_low_rank_backward(conv, (1, 1, 128, 256), rank=32)  # rank too high
+    depthwise = layers.Conv(256, (3, 3), feature_group_count=256)
+    assert not lora.uses_low_rank_backward(depthwise, (3, 3, 1, 256), rank=1)
+    assert lora.uses_low_rank_backward(nn.Dense(512), (512, 512), rank=8)
 
 
 def test_all_layers_at_once_merge_and_jit(net_setup):

@@ -16,17 +16,19 @@ shard the small one only). For a layer with kernel `W0` the adapted layer comput
 layer's path, so no two layers share an init; `B` is zero, so the adapted model equals the base
 model exactly at step 0.
 
-Computation (training and `apply`): the layer runs once, with the kernel `W0 + scale * dW`
-formed in the forward pass (`dW` is a tiny `kh*kw*Cin/g x Cout` product); autodiff then gives the
-factors' gradients through the layer's kernel gradient. On XLA:CPU this is faster for every conv
-kind than running a separate low-rank branch (benchmarks/NOTES.md: one fewer pass over the
-activations forward and backward, and the skinny rank-r matmuls it replaces are memory bound), and
-it equals the base model bit for bit while `B = 0`. Wrappers outside the adapted layer's own
-call see one layer call; interceptors stacked *inside* the same layer call are bypassed (the
-layer is re-applied with the merged kernel). `branch` keeps the explicit low-rank branch for
-wrappers that weight several experts per sample: for g == 1 the layer itself with `Cout -> r`
-and kernel `A` followed by a 2-D matmul `r -> Cout`, for g > 1 a conv with the delta kernel.
-`merge` folds `scale * dW` into the kernels for inference; `unmerge` takes it out again.
+Computation (training and `apply`): the layer runs once, with the kernel `W0 + scale * dW` formed in
+the forward pass (`dW` is a tiny `kh*kw*Cin/g x Cout` product); autodiff then gives the factors'
+gradients through the layer's kernel gradient. On XLA:CPU this is faster for every conv kind than
+running a separate low-rank branch (benchmarks/NOTES.md: one fewer pass over the activations forward
+and backward, and the skinny rank-r matmuls it replaces are memory bound), and it equals the base
+model bit for bit while `B = 0`. Wide layers (`uses_low_rank_backward`: the deep stages' 1x1 and
+strided convs) keep that forward but take a custom backward that never forms the dense kernel
+gradient, only the rank-r products (`_lora_layer`). Wrappers outside the adapted layer's own call
+see one layer call; interceptors stacked *inside* the same layer call are bypassed (the layer is
+re-applied with the merged kernel). `branch` keeps the explicit low-rank branch for wrappers that
+weight several experts per sample: for g == 1 the layer itself with `Cout -> r` and kernel `A`
+followed by a 2-D matmul `r -> Cout`, for g > 1 a conv with the delta kernel. `merge` folds `scale *
+dW` into the kernels for inference; `unmerge` takes it out again.
 """
 
 import dataclasses
@@ -147,12 +149,88 @@ def _conv_branch(module: nn.Conv, x, down, up, kernel_shape):
         return delta.apply({"params": {"kernel": delta_kernel(down, up, kernel_shape)}}, x)
 
 
+# A layer takes the low-rank backward when its dense kernel gradient (`K x Cout` per pixel, K =
+# kh*kw*Cin) costs this many times the rank-r one (`r (K + Cout)`): the skinny rank-r matmuls are
+# memory bound, so they win only on wide layers (benchmarks/NOTES.md, E8).
+LOW_RANK_BACKWARD_RATIO = 10
+
+
+def uses_low_rank_backward(module: nn.Conv | nn.Dense, kernel_shape, rank: int) -> bool:
+    """Whether the layer's factor gradients skip the dense kernel gradient (`_lora_layer`)."""
+    if isinstance(module, nn.Conv) and (module.feature_group_count != 1 or module.mask is not None):
+        return False
+    fan_in, out = int(np.prod(kernel_shape[:-1])), kernel_shape[-1]
+    return fan_in * out >= LOW_RANK_BACKWARD_RATIO * rank * (fan_in + out)
+
+
 def _with_merged_kernel(module, x, down, up, scale, kernel):
     params = dict(module.variables["params"])
+    if uses_low_rank_backward(module, kernel.shape, down.shape[-1]):
+        bias = params.pop("bias", None)
+        with intercept.bypass():
+            y = _lora_layer(_Layer(module), x, kernel, down, up, jnp.asarray(scale, kernel.dtype))
+        return y if bias is None else y + bias.astype(y.dtype)
     delta = delta_kernel(down, up, kernel.shape) * scale
     params["kernel"] = (kernel + delta.astype(kernel.dtype)).astype(kernel.dtype)
     with intercept.bypass():
         return module.clone(parent=None, name=None).apply({"params": params}, x)
+
+
+class _Layer:
+    """A bound layer's bias-free linear map as hashable functions of (x, kernel) (jit-static)."""
+
+    def __init__(self, module: nn.Conv | nn.Dense):
+        self.module = module.clone(parent=None, name=None, use_bias=False)
+
+    def __call__(self, x, kernel):
+        return self.module.apply({"params": {"kernel": kernel}}, x)
+
+    def narrow(self, x, down, kernel_shape):
+        """`x * reshape(A)`: the layer with `r` output channels and kernel `A`."""
+        rank = down.shape[-1]
+        narrow = self.module.clone(features=rank)
+        return narrow.apply({"params": {"kernel": down.reshape(kernel_shape[:-1] + (rank,))}}, x)
+
+    def __hash__(self):
+        return hash(self.module)
+
+    def __eq__(self, other):
+        return isinstance(other, _Layer) and self.module == other.module
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lora_layer(layer, x, kernel, down, up, scale):
+    """`layer(x, W0 + scale * A @ B)`, differentiated without the dense kernel gradient.
+
+    Forward: one layer call with the merged kernel (as the default path). Backward: the input
+    gradient through the merged kernel; `dB = scale * h^T g` with `h = x * A` (r channels) and
+    `dA` the kernel gradient of the narrow layer for the cotangent `scale * g B^T`; the frozen
+    kernel's own gradient only when it is being differentiated (full fine-tuning with LoRA).
+    """
+    return layer(x, kernel + (scale * delta_kernel(down, up, kernel.shape)).astype(kernel.dtype))
+
+
+def _lora_layer_fwd(layer, x, kernel, down, up, scale):
+    values = [p.value for p in (x, kernel, down, up, scale)]
+    y = _lora_layer(layer, *values)
+    return y, (*values, kernel.perturbed, x.perturbed)
+
+
+def _lora_layer_bwd(layer, residuals, g):
+    x, kernel, down, up, scale, kernel_perturbed, x_perturbed = residuals
+    merged = kernel + (scale * delta_kernel(down, up, kernel.shape)).astype(kernel.dtype)
+    dx = jax.vjp(lambda x: layer(x, merged), x)[1](g)[0] if x_perturbed else None
+    h, narrow_vjp = jax.vjp(lambda a: layer.narrow(x, a, kernel.shape), down)
+    h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
+    d_up = scale * jnp.dot(h2.T, g2, precision=jax.lax.Precision.HIGHEST)
+    g_narrow = scale * jnp.dot(g2, up.T, precision=jax.lax.Precision.HIGHEST)
+    (d_down,) = narrow_vjp(g_narrow.reshape(h.shape).astype(h.dtype))
+    d_kernel = jax.vjp(lambda k: layer(x, k), merged)[1](g)[0] if kernel_perturbed else None
+    d_scale = None  # the scale is a constant of the config
+    return dx, d_kernel, d_down, d_up.astype(up.dtype), d_scale
+
+
+_lora_layer.defvjp(_lora_layer_fwd, _lora_layer_bwd, symbolic_zeros=True)
 
 
 def _wrapper(rank: int, scale: float, rng: jax.Array | None) -> intercept.Wrapper:
