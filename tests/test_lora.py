@@ -182,7 +182,7 @@ def test_gradients_equal_the_explicit_branch_reference(net_setup, backward, monk
     """Both fast paths differentiate like `W0 x + scale * dW x`: factors, input and kernels.
 
     "merged": autodiff through the merged kernel; "low_rank": the custom VJP that skips the dense
-    kernel gradient, forced on every ungrouped layer (normally only wide layers take it).
+    kernel gradient, forced on every 1x1 and Dense layer (normally only wide ones take it).
     """
     ratio = 0 if backward == "low_rank" else float("inf")
     monkeypatch.setattr(lora, "LOW_RANK_BACKWARD_RATIO", ratio)
@@ -235,6 +235,7 @@ def test_low_rank_backward_is_taken_by_wide_ungrouped_layers_only():
     assert lora.uses_low_rank_backward(conv, (1, 1, 128, 256), rank=4)  # a deep NAFNet 1x1
     assert not lora.uses_low_rank_backward(conv, (1, 1, 32, 64), rank=4)  # a first-stage 1x1
     assert not lora.uses_low_rank_backward(conv, (1, 1, 128, 256), rank=32)  # rank too high
+    assert not lora.uses_low_rank_backward(layers.Conv(256, (3, 3)), (3, 3, 128, 256), rank=4)
     depthwise = layers.Conv(256, (3, 3), feature_group_count=256)
     assert not lora.uses_low_rank_backward(depthwise, (3, 3, 1, 256), rank=1)
     assert lora.uses_low_rank_backward(nn.Dense(512), (512, 512), rank=8)

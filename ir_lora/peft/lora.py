@@ -21,8 +21,8 @@ the forward pass (`dW` is a tiny `kh*kw*Cin/g x Cout` product); autodiff then gi
 gradients through the layer's kernel gradient. On XLA:CPU this is faster for every conv kind than
 running a separate low-rank branch (benchmarks/NOTES.md: one fewer pass over the activations forward
 and backward, and the skinny rank-r matmuls it replaces are memory bound), and it equals the base
-model bit for bit while `B = 0`. Wide layers (`uses_low_rank_backward`: the deep stages' 1x1 and
-strided convs) keep that forward but take a custom backward that never forms the dense kernel
+model bit for bit while `B = 0`. Wide matmul layers (`uses_low_rank_backward`: the deep stages' 1x1
+convs) keep that forward but take a custom backward that never forms the dense kernel
 gradient, only the rank-r products (`_lora_layer`). Wrappers outside the adapted layer's own call
 see one layer call; interceptors stacked *inside* the same layer call are bypassed (the layer is
 re-applied with the merged kernel). `branch` keeps the explicit low-rank branch for wrappers that
@@ -149,15 +149,24 @@ def _conv_branch(module: nn.Conv, x, down, up, kernel_shape):
         return delta.apply({"params": {"kernel": delta_kernel(down, up, kernel_shape)}}, x)
 
 
-# A layer takes the low-rank backward when its dense kernel gradient (`K x Cout` per pixel, K =
-# kh*kw*Cin) costs this many times the rank-r one (`r (K + Cout)`): the skinny rank-r matmuls are
-# memory bound, so they win only on wide layers (benchmarks/NOTES.md, E8).
+# A matmul layer takes the low-rank backward when its dense kernel gradient (`Cin x Cout` per
+# pixel) costs this many times the rank-r one (`r (Cin + Cout)`): the skinny rank-r matmuls are
+# memory bound, so they win only on wide layers; for windowed convs the narrow conv's kernel
+# gradient did not pay (benchmarks/NOTES.md, E8).
 LOW_RANK_BACKWARD_RATIO = 10
 
 
 def uses_low_rank_backward(module: nn.Conv | nn.Dense, kernel_shape, rank: int) -> bool:
-    """Whether the layer's factor gradients skip the dense kernel gradient (`_lora_layer`)."""
-    if isinstance(module, nn.Conv) and (module.feature_group_count != 1 or module.mask is not None):
+    """Whether the layer's factor gradients skip the dense kernel gradient (`_lora_layer`).
+
+    Dense layers and ungrouped, unmasked 1x1 convs whose `Cin * Cout` is at least
+    `LOW_RANK_BACKWARD_RATIO * rank * (Cin + Cout)`.
+    """
+    if isinstance(module, nn.Conv) and (
+        module.feature_group_count != 1
+        or module.mask is not None
+        or int(np.prod(kernel_shape[:-2])) != 1
+    ):
         return False
     fan_in, out = int(np.prod(kernel_shape[:-1])), kernel_shape[-1]
     return fan_in * out >= LOW_RANK_BACKWARD_RATIO * rank * (fan_in + out)
