@@ -1,0 +1,107 @@
+"""LoRA training step against the full step, by backward form and by what else trains.
+
+    python benchmarks/lora_step.py                        # nafnet-sidd-w32, batch 4 of 128x128
+    python benchmarks/lora_step.py --override \
+        '{"middle_blk_num": 1, "enc_blk_nums": [1, 1, 1, 1], "dec_blk_nums": [1, 1, 1, 1]}'
+
+Rows, all compiled in one process and timed in interleaved rounds (median after one warm-up
+round), so load changes hit every row alike:
+
+* full: every parameter trains;
+* LoRA, merged bwd: rank `--rank` on every dense conv (`benchmarks/common.py`), biases, norms and
+  residual scales trained too (`partition.lora_rules()`), every layer differentiated through its
+  merged kernel (`lora.LOW_RANK_BACKWARD_RATIO` = inf);
+* LoRA, low-rank bwd: the same with the library's default rule (wide 1x1 layers skip the dense
+  kernel gradient, `lora.uses_low_rank_backward`);
+* LoRA factors only: the default rule, biases and norms frozen (`tune_bias_norm=False`).
+
+Prints milliseconds per step and the ratio to the full step (benchmarks/NOTES.md, E8).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from ir_lora import train_lib  # noqa: E402
+from ir_lora.peft import lora, partition  # noqa: E402
+
+ROWS = {
+    "full": ("full", None, True),
+    "LoRA, merged bwd": ("lora", float("inf"), True),
+    "LoRA, low-rank bwd": ("lora", lora.LOW_RANK_BACKWARD_RATIO, True),
+    "LoRA factors only": ("lora", lora.LOW_RANK_BACKWARD_RATIO, False),
+}
+
+
+def _factors_only(method: train_lib.Method) -> train_lib.Method:
+    variables = partition.combine(*method.init_fn(None))
+    labels = partition.label_tree(variables, partition.lora_rules(tune_bias_norm=False))
+    trainable, frozen = partition.split(variables, labels)
+    return train_lib.Method(lambda _: (trainable, frozen), method.apply_fn)
+
+
+def _compiled_step(args, method_name, ratio, bias_norm, batch):
+    sample = jax.ShapeDtypeStruct(batch["lq"].shape, jnp.float32)
+    setup = common.make_setup(
+        args.variant, method_name, sample, rank=args.rank, overrides=json.loads(args.override)
+    )
+    if not bias_norm:
+        setup.method = _factors_only(setup.method)
+    step, state, frozen = common.make_step(setup)
+    previous = lora.LOW_RANK_BACKWARD_RATIO
+    lora.LOW_RANK_BACKWARD_RATIO = previous if ratio is None else ratio
+    try:  # the ratio is read while tracing
+        compiled, seconds = common.compile_seconds(step, state, frozen, batch)
+    finally:
+        lora.LOW_RANK_BACKWARD_RATIO = previous
+    return compiled, state, frozen, seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="nafnet-sidd-w32")
+    parser.add_argument("--override", default="{}", help="JSON of model constructor overrides")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    batch = common.sample_batch(args.batch, args.size)
+    steps = {}
+    for name, (method_name, ratio, bias_norm) in ROWS.items():
+        compiled, state, frozen, seconds = _compiled_step(
+            args, method_name, ratio, bias_norm, batch
+        )
+        steps[name] = {"fn": compiled, "state": state, "frozen": frozen, "times": []}
+        print(f"{name}: compiled in {seconds:.0f} s", flush=True)
+    for round_index in range(args.rounds + 1):
+        for row in steps.values():
+            start = time.perf_counter()
+            row["state"], _ = row["fn"](row["state"], row["frozen"], batch)
+            jax.block_until_ready(row["state"])
+            if round_index:  # round 0 warms up
+                row["times"].append(time.perf_counter() - start)
+    medians = {name: statistics.median(row["times"]) for name, row in steps.items()}
+    print(
+        f"\n{args.variant} {args.override}, batch {args.batch} of {args.size}x{args.size}, "
+        f"rank {args.rank}, median of {args.rounds} rounds\n"
+    )
+    print("| row | step ms | / full step |")
+    print("|---|---:|---:|")
+    for name, seconds in medians.items():
+        print(f"| {name} | {1e3 * seconds:,.0f} | {seconds / medians['full']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
