@@ -12,15 +12,6 @@ from ir_lora import allinone
 CLASSES = ("noise", "jpeg")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    """Tiny graphs: XLA's optimisation passes cost more than they save."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _tiny_config():
     config = moe_allinone.get_config()
     config.unlock()
@@ -45,8 +36,13 @@ def _tiny_config():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """A finished tiny run: `(workdir, the table it printed)`."""
+    # Tiny graphs: XLA's optimisation passes cost more than they save (kept for the tests too).
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
     workdir = str(tmp_path_factory.mktemp("allinone"))
-    return workdir, allinone.run(_tiny_config(), workdir)
+    yield workdir, allinone.run(_tiny_config(), workdir)
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def test_evaluate_reproduces_the_training_table(trained):
