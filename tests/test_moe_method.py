@@ -184,7 +184,10 @@ def test_router_then_experts_through_train_and_eval(tmp_path):
     router_config.lock()
     summary = router_stage.train(router_config, str(tmp_path / "router"))
     assert 0.0 <= summary["routing_accuracy"] <= 1.0
-    assert json.loads((tmp_path / "router" / "router.json").read_text())["log"][-1]["step"] == 2
+    written = json.loads((tmp_path / "router" / "router.json").read_text())
+    assert written["log"][-1]["step"] == 2
+    # eval_every_steps (500) > 2 steps: the last step is still scored.
+    assert [a["step"] for a in written["accuracy_log"]] == [2]
 
     backbone = tmp_path / "backbone"
     model = models.build("nafnet-tiny")
