@@ -3,9 +3,12 @@
   python eval.py --config configs/NAME.py --workdir DIR          # newest checkpoint of a run
   python eval.py --config configs/NAME.py --checkpoint PATH      # exported params or a .pth
   python eval.py ... --datasets=val,test --out_dir=DIR
+  python eval.py --config configs/moe_allinone.py --workdir DIR  # the LoRA-IR all-in-one run
 
 The config must describe the trained model (the same file and overrides as for training). Tables
-go to `<out_dir>/results.{md,json,csv}`, written after each finished dataset.
+go to `<out_dir>/results.{md,json,csv}`, written after each finished dataset. The all-in-one
+experiment (stage `allinone`) re-scores its stages 2 and 3 and the router on its mixed test set
+and writes the per-degradation table to `<out_dir>/allinone.md` (default out_dir: DIR/eval).
 """
 
 import tensorflow_datasets as tfds
@@ -28,8 +31,13 @@ def main(argv):
         raise app.UsageError("Give exactly one of --workdir and --checkpoint.")
     logging.set_verbosity(logging.INFO)
     tfds.disable_progress_bar()  # The trainer has its own; TFDS's bars clutter the logs.
-    from ir_lora import evaluator, runner
+    from ir_lora import allinone, evaluator, runner
 
+    if FLAGS.config.stage == "allinone":
+        if not FLAGS.workdir or FLAGS.datasets:
+            raise app.UsageError("stage 'allinone' takes --workdir (and --out_dir) only")
+        allinone.evaluate(FLAGS.config, FLAGS.workdir, out_dir=FLAGS.out_dir)
+        return
     config = FLAGS.config.finetune if FLAGS.config.stage == "quickstart" else FLAGS.config
     results = runner.evaluate(
         config,

@@ -22,12 +22,14 @@ Sections:
     `normalize`, `beta`, `delta_min`, `r_min`, `tolerance` (`ir_lora.colora.allocate_ranks`).
     Adapters: `alpha` (0: scale 1), `tune_bias_norm`, `also_train` as for `lora`.
   adaptir: AdaptIR beside every feed-forward path (ir_lora/methods/adaptir.py): hidden width
-    `hidden` (0: max(min_hidden, width // divisor) per block), `rank` (0: hidden // 2),
+    `hidden` (0: max(min_hidden, round(width * hidden_ratio)) per block; default ratio 1/24,
+    the official IPT adapter's), `rank` (0: hidden // 2),
     channel-gate `reduction`, `norm` ("layer" or "none").
   moe: LoRA-IR (ir_lora/methods/moe.py): `classes` (degradation names, one expert each), expert
     `rank` and `alpha` (0: scale 1), `route` ("top1" | "topk" | "soft") with `top_k`, execution
     `path` ("branches" | "merged"), `train` ("experts" | "backbone"), `modulation` (DAM on),
-    its widths `prior_features`, `dam_hidden`, `dam_reduction`.
+    its widths: `prior_features` (0: the router embedding's), `dam_hidden` (0: max(1,
+    round(C * dam_ratio)) for a stage of C channels), `dam_reduction` (gate squeeze C // it).
   router: the degradation router (ir_lora/routing.py): `checkpoint` (a router workdir),
     `encoder` ("" = the small CNN with `widths`, `embed_dim`; or a registered frozen encoder
     with the multi-view MLP `mlp_widths`).
@@ -100,8 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.adaptir = ml_collections.ConfigDict()
     config.adaptir.hidden = 0
-    config.adaptir.divisor = 4
-    config.adaptir.min_hidden = 8
+    config.adaptir.hidden_ratio = 1 / 24
+    config.adaptir.min_hidden = 2
     config.adaptir.rank = 0
     config.adaptir.reduction = 4
     config.adaptir.norm = "layer"
@@ -115,9 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.moe.path = "branches"
     config.moe.train = "experts"
     config.moe.modulation = True
-    config.moe.prior_features = 128
-    config.moe.dam_hidden = 64
-    config.moe.dam_reduction = 4
+    config.moe.prior_features = 0
+    config.moe.dam_hidden = 0
+    config.moe.dam_ratio = 0.25
+    config.moe.dam_reduction = 16
 
     config.router = ml_collections.ConfigDict()
     config.router.checkpoint = ""

@@ -11,26 +11,16 @@ router; the backbone from step 2 is frozen. `--config.moe.route=topk --config.mo
 `soft` mix experts; `--config.moe.path=merged` runs per-image merged kernels (same result).
 """
 
-from configs import common
+from configs import moe_backbone
 
 
 def get_config(arg=None):
-    del arg
-    config = common.base_config()
+    """Step 2's config (model, data, optimizer, eval set) with the deltas of step 3."""
+    config = moe_backbone.get_config(arg)
     config.stage = "finetune"
-    config.method = "moe"
     config.moe.train = "experts"
-    common.small_nafnet(config)
-    common.one_degradation_per_image(config)
-    config.data.dataset = "images"
-    config.data.degrade = "prod"
-    config.data.gt_size = 64
-    config.data.batch_size = 8
+    config.data.degrade = "prod"  # a fine-tune reads clean crops too: PROD degrades them
     config.num_train_steps = 300
-    config.log_every_steps = 50
     config.checkpoint_every_steps = 100
-    config.optimizer.lr = 2e-3
     config.optimizer.warmup_steps = 10
-    config.eval.datasets.mixed = common.eval_dataset("paired", "", split="val")
-    config.lock()
     return config

@@ -24,9 +24,12 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ir_lora import degradations, router_stage, routing, runner
+from ir_lora import degradations, models, quickstart, router_stage, routing, runner
 from ir_lora.data import samples
 from ir_lora.quickstart import _save, _shrink, _to_uint8
+
+# Sub-directories of the workdir, in training order.
+STAGES = ("router", "backbone", "experts")
 
 
 def degrade_one(key, clean: np.ndarray, name: str, prod_config) -> np.ndarray:
@@ -112,85 +115,113 @@ def _stage(section, updates: dict):
     return section
 
 
+def stage_configs(config, workdir: str) -> dict:
+    """The stage sections of `config` pointed at `workdir`'s data and stage directories.
+
+    Returns `{"router", "backbone", "experts"}` (the sections, updated in place) plus their
+    `dirs` and the data `folders`; both training (`run`) and `evaluate` use it, so they read
+    and write the same places.
+    """
+    workdir = os.path.abspath(workdir)
+    data = os.path.join(workdir, "data")
+    folders = {"clean": os.path.join(data, "clean"), "mixed": os.path.join(data, "mixed")}
+    dirs = {name: os.path.join(workdir, name) for name in STAGES}
+    common = {
+        "data.data_dir": os.path.join(workdir, "tfds"),
+        "data.source_dir": folders["clean"],
+        "router.checkpoint": dirs["router"],
+    }
+    mixed_eval = {"eval.datasets.mixed.source_dir": folders["mixed"]}
+    return {
+        "router": _stage(config.router_stage, common),
+        "backbone": _stage(config.backbone, {**common, **mixed_eval}),
+        "experts": _stage(
+            config.experts, {**common, **mixed_eval, "init.checkpoint": dirs["backbone"]}
+        ),
+        "dirs": dirs,
+        "folders": folders,
+    }
+
+
 def summary(classes, stage2: dict, stage3: dict, accuracy, per_class, report) -> str:
-    lines = [
-        "Mixed-degradation test set (held-out photographs, each tile one degradation), "
-        "PSNR (dB) / SSIM per degradation, BasicSR conventions:",
-        "",
-        "| degradation | tiles | degraded input | stage 2: backbone + DAM | stage 3: + experts |"
-        " routing acc. |",
-        "|---|---|---|---|---|---|",
-    ]
+    """The all-in-one table: per-class input, stage 2 and stage 3 PSNR/SSIM, routing accuracy."""
+    rows = []
     for name in classes:
         a, b = stage2[name], stage3[name]
-        lines.append(
-            f"| {name} | {b['n']} | {a['input_psnr']:.2f} | {a['psnr']:.2f} / {a['ssim']:.4f} | "
-            f"{b['psnr']:.2f} / {b['ssim']:.4f} | {per_class.get(name, 0.0):.2f} |"
+        rows.append(
+            (
+                name,
+                b["n"],
+                f"{a['input_psnr']:.2f}",
+                f"{a['psnr']:.2f} / {a['ssim']:.4f}",
+                f"{b['psnr']:.2f} / {b['ssim']:.4f}",
+                f"{per_class.get(name, 0.0):.2f}",
+            )
         )
     mean = lambda d, k: float(np.mean([d[c][k] for c in classes]))  # noqa: E731
-    lines += [
-        f"| mean over classes | | {mean(stage2, 'input_psnr'):.2f} | {mean(stage2, 'psnr'):.2f}"
-        f" / {mean(stage2, 'ssim'):.4f} | {mean(stage3, 'psnr'):.2f} / {mean(stage3, 'ssim'):.4f}"
-        f" | {accuracy:.2f} |",
-        "",
-        f"Stage 3 trainable parameters: {report.trainable:,} of {report.base:,} "
-        f"({report.trainable_percent:.2f}% of the backbone; experts plus modulation).",
-    ]
-    return "\n".join(lines)
-
-
-def run(config, workdir: str) -> str:
-    """Runs the three stages and the evaluation in `workdir`; returns the summary table."""
-    workdir = os.path.abspath(workdir)
-    folders = write_data(config, os.path.join(workdir, "data"))
-    tfds_dir = os.path.join(workdir, "tfds")
-    router_dir = os.path.join(workdir, "router")
-    common = {"data.data_dir": tfds_dir, "router.checkpoint": router_dir}
-    mixed_eval = {"eval.datasets.mixed.source_dir": folders["mixed"]}
-
-    logging.info("All-in-one 1/3: the degradation router")
-    _stage(config.router_stage, {**common, "data.source_dir": folders["clean"]})
-    router = router_stage.train(config.router_stage, router_dir)
-
-    logging.info("All-in-one 2/3: backbone + modulation with the router embedding")
-    backbone = _stage(
-        config.backbone, {**common, **mixed_eval, "data.source_dir": folders["clean"]}
+    rows.append(
+        (
+            "mean over classes",
+            "",
+            f"{mean(stage2, 'input_psnr'):.2f}",
+            f"{mean(stage2, 'psnr'):.2f} / {mean(stage2, 'ssim'):.4f}",
+            f"{mean(stage3, 'psnr'):.2f} / {mean(stage3, 'ssim'):.4f}",
+            f"{accuracy:.2f}",
+        )
     )
-    stage2 = runner.train_and_evaluate(backbone, os.path.join(workdir, "backbone"))
-
-    logging.info("All-in-one 3/3: experts (and modulation) only")
-    experts = _stage(
-        config.experts,
-        {
-            **common,
-            **mixed_eval,
-            "data.source_dir": folders["clean"],
-            "init.checkpoint": os.path.join(workdir, "backbone"),
-        },
+    return quickstart.summary_table(
+        "Mixed-degradation test set (held-out photographs, each tile one degradation), "
+        "PSNR (dB) / SSIM per degradation, BasicSR conventions:",
+        (
+            "degradation",
+            "tiles",
+            "degraded input",
+            "stage 2: backbone + DAM",
+            "stage 3: + experts",
+            "routing acc.",
+        ),
+        rows,
+        report,
+        trained="experts plus modulation",
+        label="Stage 3 trainable parameters",
     )
-    stage3 = runner.train_and_evaluate(experts, os.path.join(workdir, "experts"))
 
-    classes = list(config.classes)
-    accuracy, per_class = test_routing_accuracy(experts.router, classes, folders["mixed"])
+
+def _parameter_report(config):
+    """What `runner.train_and_evaluate` reports for `config`, from shapes only."""
+    model = runner.build_model(config)
+    shapes = models.param_shapes(config.model.variant, **dict(config.model.get("overrides", {})))
+    return runner.build_adaptation(config, model).report(shapes)
+
+
+def _finish(stages, stage2: dict, stage3: dict, out_dir: str) -> str:
+    """Routing accuracy on the test inputs, the table, `allinone.{md,json}` in `out_dir`."""
+    classes = list(stages["experts"].moe.classes)
+    accuracy, per_class = test_routing_accuracy(
+        stages["experts"].router, classes, stages["folders"]["mixed"]
+    )
     text = summary(
         classes,
-        per_degradation(stage2["eval"]),
-        per_degradation(stage3["eval"]),
+        per_degradation(stage2),
+        per_degradation(stage3),
         accuracy,
         per_class,
-        stage3["report"],
+        _parameter_report(stages["experts"]),
     )
+    with open(os.path.join(stages["dirs"]["router"], "router.json")) as f:
+        router = json.load(f)
     text += (
         f"\nRouter: training-crop routing accuracy {router['routing_accuracy']:.3f}; "
-        f"stage-2 trainable parameters {stage2['report'].trainable:,}."
+        f"stage-2 trainable parameters {_parameter_report(stages['backbone']).trainable:,}."
     )
-    with open(os.path.join(workdir, "allinone.md"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "allinone.md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(workdir, "allinone.json"), "w") as f:
+    with open(os.path.join(out_dir, "allinone.json"), "w") as f:
         json.dump(
             {
-                "stage2": per_degradation(stage2["eval"]),
-                "stage3": per_degradation(stage3["eval"]),
+                "stage2": per_degradation(stage2),
+                "stage3": per_degradation(stage3),
                 "routing_accuracy": accuracy,
                 "routing_accuracy_per_class": per_class,
             },
@@ -199,3 +230,64 @@ def run(config, workdir: str) -> str:
         )
     print(text)
     return text
+
+
+def run(config, workdir: str) -> str:
+    """Runs the three stages and the evaluation in `workdir`; returns the summary table."""
+    workdir = os.path.abspath(workdir)
+    write_data(config, os.path.join(workdir, "data"))
+    stages = stage_configs(config, workdir)
+    dirs = stages["dirs"]
+
+    logging.info("All-in-one 1/3: the degradation router")
+    router_stage.train(stages["router"], dirs["router"])
+    logging.info("All-in-one 2/3: backbone + modulation with the router embedding")
+    stage2 = runner.train_and_evaluate(stages["backbone"], dirs["backbone"])
+    logging.info("All-in-one 3/3: experts (and modulation) only")
+    stage3 = runner.train_and_evaluate(stages["experts"], dirs["experts"])
+    return _finish(stages, stage2["eval"], stage3["eval"], workdir)
+
+
+def _check_complete(stages) -> None:
+    """Raises FileNotFoundError naming the first stage (or data) directory a run lacks."""
+    dirs = stages["dirs"]
+    needed = [
+        ("router", os.path.join(dirs["router"], routing.EXPORT_DIR)),
+        ("router", os.path.join(dirs["router"], "router.json")),
+        ("backbone", os.path.join(dirs["backbone"], "checkpoints")),
+        ("backbone", os.path.join(dirs["backbone"], runner.EXPORT_VARIABLES_DIR)),
+        ("experts", os.path.join(dirs["experts"], "checkpoints")),
+        ("test data", os.path.join(stages["folders"]["mixed"], "val", "lq")),
+    ]
+    for what, path in needed:
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"All-in-one run {os.path.dirname(dirs['router'])!r} is incomplete: the {what} "
+                f"stage left no {path!r}. Train it first: python train.py --config "
+                "configs/moe_allinone.py --workdir <the same dir> (finished stages are reused)."
+            )
+
+
+def evaluate(config, workdir: str, out_dir: str | None = None) -> str:
+    """Re-evaluates a finished all-in-one run from `workdir` without training.
+
+    Stages 2 and 3 are restored from their newest checkpoints and scored on the run's mixed test
+    set (`<out_dir>/backbone`, `<out_dir>/experts`); the router is re-scored on the test inputs.
+    The table (the one `run` prints) goes to `<out_dir>/allinone.{md,json}`.
+
+    Args:
+      config: `configs/moe_allinone.py` with the overrides the run was trained with.
+      workdir: the run's workdir.
+      out_dir: default `<workdir>/eval`.
+    """
+    workdir = os.path.abspath(workdir)
+    stages = stage_configs(config, workdir)
+    _check_complete(stages)
+    out_dir = os.path.abspath(out_dir or os.path.join(workdir, "eval"))
+    results = {
+        name: runner.evaluate(
+            stages[name], workdir=stages["dirs"][name], out_dir=os.path.join(out_dir, name)
+        )
+        for name in ("backbone", "experts")
+    }
+    return _finish(stages, results["backbone"], results["experts"], out_dir)

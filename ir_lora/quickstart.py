@@ -89,8 +89,37 @@ def write_data(config, root: str) -> dict[str, str]:
     return {"clean": clean_dir, "haze": haze_dir}
 
 
-def _row(label: str, mean: dict, key: str) -> str:
-    return f"| {label} | {mean[key + 'psnr']:.2f} | {mean[key + 'ssim']:.4f} |"
+def summary_table(
+    title: str,
+    header,
+    rows,
+    report,
+    *,
+    trained: str,
+    label: str = "Trainable parameters",
+) -> str:
+    """A results table of the offline experiments: title, markdown table, trainable share.
+
+    Args:
+      title: the line above the table.
+      header: the column names.
+      rows: one sequence of cells per row (formatted with `str`).
+      report: the run's `ParameterReport`.
+      trained: what trains, for the parameter line.
+      label: how the parameter line starts.
+    """
+
+    def cell_line(cells) -> str:
+        return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
+
+    lines = [title, "", cell_line(header), "|" + "---|" * len(header)]
+    lines += [cell_line(row) for row in rows]
+    lines += [
+        "",
+        f"{label}: {report.trainable:,} of {report.base:,} "
+        f"({report.trainable_percent:.2f}% of the backbone; {trained}).",
+    ]
+    return "\n".join(lines)
 
 
 # What trains, per fine-tuning method, for the summary line.
@@ -109,19 +138,21 @@ def summary(
     base = pretrained["datasets"]["haze"]["mean"]
     tuned = finetuned["datasets"]["haze"]["mean"]
     n = finetuned["datasets"]["haze"]["num_images"]
-    lines = [
+
+    def row(name: str, mean: dict, key: str) -> tuple[str, str, str]:
+        return name, f"{mean[key + 'psnr']:.2f}", f"{mean[key + 'ssim']:.4f}"
+
+    return summary_table(
         f"Held-out hazy photographs ({n} images), mean PSNR (dB) / SSIM, BasicSR conventions:",
-        "",
-        "| model | PSNR | SSIM |",
-        "|---|---|---|",
-        _row("degraded input", base, "input_"),
-        _row("PROD pre-trained (never saw haze)", base, ""),
-        _row(f"+ {label} fine-tuned on {num_pairs} haze pairs", tuned, ""),
-        "",
-        f"Trainable parameters: {report.trainable:,} of {report.base:,} "
-        f"({report.trainable_percent:.2f}% of the backbone; {trained}).",
-    ]
-    return "\n".join(lines)
+        ("model", "PSNR", "SSIM"),
+        [
+            row("degraded input", base, "input_"),
+            row("PROD pre-trained (never saw haze)", base, ""),
+            row(f"+ {label} fine-tuned on {num_pairs} haze pairs", tuned, ""),
+        ],
+        report,
+        trained=trained,
+    )
 
 
 def run(config, workdir: str) -> str:

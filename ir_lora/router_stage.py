@@ -11,7 +11,9 @@ part changes (the whole small CNN; for a registered frozen encoder, only its MLP
 At the end the params go to `<workdir>/export/router` (what `config.router.checkpoint` of the
 `moe` stages points at) and `<workdir>/router.json` holds the training curve and the routing
 accuracy on `eval_batches` fresh batches with one degradation per image from `moe.classes`
-(top-1 over the classes' logits: the expert LoRA-IR would pick). A workdir that already holds
+(top-1 over the classes' logits: the expert LoRA-IR would pick). Every `eval_every_steps`,
+`accuracy_log` gets the routing accuracy so far, on `eval_batches` batches drawn once before
+training from a second iterator (crops of the same images). A workdir that already holds
 `export/router` is not retrained.
 """
 
@@ -57,7 +59,11 @@ def routing_accuracy(router_apply, params, clean_batches, config, seed: int) -> 
 
 
 def train(config, workdir: str) -> dict:
-    """Runs the router stage in `workdir`; returns `{"export", "routing_accuracy", "log"}`."""
+    """Runs the router stage in `workdir`.
+
+    Returns:
+      `{"export", "routing_accuracy", "log", "accuracy_log"}` (also `<workdir>/router.json`).
+    """
     workdir = os.path.abspath(workdir)
     export = os.path.join(workdir, routing.EXPORT_DIR)
     summary_path = os.path.join(workdir, "router.json")
@@ -76,13 +82,18 @@ def train(config, workdir: str) -> dict:
     opt_state = tx.init(params)
     prod = config.prod
     update = router_lib.make_train_step(model, tx)
+    every = int(config.eval_every_steps)
+    probe = []
+    if every > 0:
+        probe_iterator = runner.train_iterator(config, workdir)
+        probe = [np.asarray(next(probe_iterator)["gt"]) for _ in range(int(config.eval_batches))]
 
     @jax.jit
     def degrade(clean, key):
         lq, labels = degradations.prod(key, clean, prod)
         return lq, labels["present"]
 
-    log, pending = [], []
+    log, pending, accuracy_log = [], [], []
     for step in range(1, steps + 1):
         clean = first if step == 1 else np.asarray(next(iterator)["gt"])
         lq, present = degrade(clean, jax.random.fold_in(key, step))
@@ -93,11 +104,20 @@ def train(config, workdir: str) -> dict:
             logging.info("router step %d: %s", step, mean)
             log.append({"step": step, **mean})
             pending = []
+        if every > 0 and (step % every == 0 or step == steps):
+            accuracy = routing_accuracy(model.apply, params, probe, config, int(config.seed) + 2)
+            logging.info("router step %d: routing accuracy %.3f", step, accuracy)
+            accuracy_log.append({"step": step, "routing_accuracy": accuracy})
     held_out = [np.asarray(next(iterator)["gt"]) for _ in range(int(config.eval_batches))]
     accuracy = routing_accuracy(model.apply, params, held_out, config, int(config.seed) + 1)
     logging.info("Routing accuracy over %s: %.3f", list(config.moe.classes), accuracy)
     runner.export_params(params, export)
-    summary = {"export": export, "routing_accuracy": accuracy, "log": log}
+    summary = {
+        "export": export,
+        "routing_accuracy": accuracy,
+        "log": log,
+        "accuracy_log": accuracy_log,
+    }
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     return summary

@@ -83,6 +83,10 @@ def test_param_count_formula_matches_module(norm):
         assert _count(shapes["batch_stats"]) == 2 * 24
     # EDT: d=180, h=12, R=6, reduction 4: 4,817.
     assert adaptir.param_count(180, 12, reduction=4, norm="batch") == 4_817
+    # Below the reduction the channel gate keeps one channel (small backbones' default widths).
+    small = AdaptIR(features=16, hidden=2, reduction=4, norm=norm)
+    shapes = jax.eval_shape(lambda x: _init(small, x), jnp.zeros((1, 8, 8, 16)))
+    assert _count(shapes["params"]) == adaptir.param_count(16, 2, reduction=4, norm=norm)
 
 
 def test_bad_input_names_shape():

@@ -89,7 +89,7 @@ def test_identity_at_init_only_adapters_train_and_counts(variant):
 def test_adapter_is_beside_the_nafblock_feed_forward():
     """Adapted block minus frozen block = gamma * AdaptIR(norm2(y)), y the block's first half."""
     model = models.NAFStage(features=8, num_blocks=1)
-    _, x, params, adaptation, trainable, frozen = _build(model, (2, 8, 8, 8))
+    config, x, params, adaptation, trainable, frozen = _build(model, (2, 8, 8, 8))
     trainable = _bump_tails(trainable)
     out = adaptation.method.apply_fn(trainable, frozen, x)
     block = params["blocks_0"]
@@ -100,7 +100,9 @@ def test_adapter_is_beside_the_nafblock_feed_forward():
         return m.norm2(inputs + h * m.beta)
 
     normed = models.NAFBlock(8).apply({"params": block}, x, method=first_half)
-    adapter = adaptir_lib.AdaptIR(features=8, hidden=8, reduction=4)
+    adapter = adaptir_lib.AdaptIR(
+        features=8, hidden=adaptir.hidden_width(8, config.adaptir), reduction=4
+    )
     side = adapter.apply({"params": trainable["adaptir"]["blocks_0"]["adapter"]}, normed)
     base = model.apply({"params": params}, x)
     np.testing.assert_allclose(out - base, side * block["gamma"], atol=1e-5)
@@ -111,3 +113,14 @@ def test_batch_norm_is_refused():
     config.method, config.adaptir.norm = "adaptir", "batch"
     with pytest.raises(ValueError, match="adaptir.norm"):
         methods.build(config, models.build("nafnet-tiny"), image_shape=SHAPE)
+
+
+def test_hidden_width_scales_with_the_block():
+    """Default: the official IPT ratio (576 -> 24) with a floor of 2; `hidden` fixes it."""
+    section = common.base_config().adaptir
+    assert [adaptir.hidden_width(d, section) for d in (16, 32, 64, 128, 576)] == [2, 2, 3, 5, 24]
+    section.hidden = 6
+    assert adaptir.hidden_width(128, section) == 6
+    section.hidden, section.hidden_ratio = 0, 0.0
+    with pytest.raises(ValueError, match="adaptir.hidden_ratio"):
+        adaptir.hidden_width(16, section)

@@ -130,6 +130,26 @@ def test_routing_selects_each_images_expert():
     np.testing.assert_allclose(out[1:], base[1:], rtol=1e-5, atol=1e-5)
 
 
+def test_modulation_widths_scale_with_the_stage():
+    """Defaults: the prior keeps the router embedding's width, DAM's MLP is C * dam_ratio."""
+    config, model, x, params, adaptation, trainable, frozen = _setup()
+    modulation = trainable["modulation"]
+    embed = config.router.embed_dim
+    assert modulation["degradation_prior"]["dense1"]["kernel"].shape == (embed, embed)
+    kernels = jax.tree_util.tree_flatten_with_path(modulation)[0]
+    dams = {
+        jax.tree_util.keystr(path): leaf.shape
+        for path, leaf in kernels
+        if "embed_in" in jax.tree_util.keystr(path) and leaf.ndim == 2
+    }
+    assert dams  # one DAM per encoder stage and the middle stage
+    for shape in dams.values():
+        embed_out = shape[1]
+        assert shape[0] == embed and embed_out in {max(1, round(c * 0.25)) for c in (8, 16, 32)}
+    config.moe.dam_hidden = 5
+    assert moe.dam_width(config.moe, 64) == 5
+
+
 def _write(folder, names, rng, size=32):
     os.makedirs(folder, exist_ok=True)
     for name in names:
@@ -164,7 +184,10 @@ def test_router_then_experts_through_train_and_eval(tmp_path):
     router_config.lock()
     summary = router_stage.train(router_config, str(tmp_path / "router"))
     assert 0.0 <= summary["routing_accuracy"] <= 1.0
-    assert json.loads((tmp_path / "router" / "router.json").read_text())["log"][-1]["step"] == 2
+    written = json.loads((tmp_path / "router" / "router.json").read_text())
+    assert written["log"][-1]["step"] == 2
+    # eval_every_steps (500) > 2 steps: the last step is still scored.
+    assert [a["step"] for a in written["accuracy_log"]] == [2]
 
     backbone = tmp_path / "backbone"
     model = models.build("nafnet-tiny")

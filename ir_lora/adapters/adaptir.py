@@ -14,8 +14,9 @@ block's pre-FFN normalised features and its output is *added* to the FFN output:
     g_s    = sigmoid(conv1x1_{h->1}(local))                              # zero-init
     out    = conv1x1_{h->d, no bias, zero-init}(c * (g_c * local + g_s * glob))
 
-`m = h // reduction`. The tail is zero-initialised, so the adapter returns exactly 0 at init and the
-frozen backbone is unchanged at step 0. The released IPT adapter uses d=576, h=d//24=24, R=h//2=12,
+`m = max(1, h // reduction)` (the official sizes have h >= reduction). The tail is
+zero-initialised, so the adapter returns exactly 0 at init and the frozen backbone is unchanged
+at step 0. The released IPT adapter uses d=576, h=d//24=24, R=h//2=12,
 reduction 8 (m=3): 29,069 parameters (`param_count`); EDT uses d=180, h=12, R=6, reduction 4.
 
 Normalisation after the down projection: the official code uses `BatchNorm2d(h)`. `norm="layer"`
@@ -120,7 +121,8 @@ class AdaptIR(nn.Module):
       features: d, the width of the block it is attached to (input and output channels).
       hidden: h, the adapter width (official: d // 24 for IPT, d // 14 for EDT).
       rank: R, the rank of the low-rank depthwise kernel; None means h // 2 (official).
-      reduction: the channel-gate bottleneck is h // reduction wide (official: 8 IPT, 4 EDT).
+      reduction: the channel-gate bottleneck is max(1, h // reduction) wide (official: 8 IPT,
+        4 EDT).
       norm: "layer" (default), "batch" (official) or "none"; see the module docstring.
       use_running_average: BatchNorm mode when norm="batch" (also accepted at call time).
       phase_eps: coefficients with |F| at or below it count as 0 (finite gradients at |F| = 0).
@@ -144,9 +146,10 @@ class AdaptIR(nn.Module):
                 f"AdaptIR(features={self.features}) expects (N, H, W, {self.features}) input, "
                 f"got shape {x.shape}"
             )
-        if self.hidden < 2 or self.hidden // self.reduction < 1:
+        if self.hidden < 2 or self.reduction < 1:
             raise ValueError(
-                f"AdaptIR: hidden={self.hidden} must be >= 2 and >= reduction={self.reduction}"
+                f"AdaptIR: hidden={self.hidden} must be >= 2 (rank and MLP use hidden // 2) and "
+                f"reduction={self.reduction} >= 1"
             )
 
     @nn.compact
@@ -155,7 +158,7 @@ class AdaptIR(nn.Module):
         n, height, width, _ = x.shape
         h = self.hidden
         rank = self.rank or h // 2
-        squeeze = h // self.reduction
+        squeeze = max(1, h // self.reduction)
         if self.dtype is not None:
             x = x.astype(self.dtype)
 
@@ -223,7 +226,7 @@ def param_count(
         raise ValueError(f"param_count: norm must be one of {NORMS}, got {norm!r}")
     d, h = features, hidden
     r = rank or h // 2
-    m = h // reduction
+    m = max(1, h // reduction)
     terms = {
         "head": d * h + h,
         "norm": 0 if norm == "none" else 2 * h,

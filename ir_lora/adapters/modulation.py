@@ -16,14 +16,19 @@ from flax import linen as nn
 
 
 class DegradationPrior(nn.Module):
-    """LoRA-IR's `intro_de`: `gelu(Dense(gelu(Dense(e))))`, shared by all DAMs."""
+    """LoRA-IR's `intro_de`: `gelu(Dense(gelu(Dense(e))))`, shared by all DAMs.
 
-    features: int = 384
+    Attributes:
+      features: the output width; None keeps the embedding's width (LoRA-IR: 384 -> 384).
+    """
+
+    features: int | None = None
 
     @nn.compact
     def __call__(self, embedding: jax.Array) -> jax.Array:
-        x = nn.gelu(nn.Dense(self.features, name="dense0")(embedding), approximate=False)
-        return nn.gelu(nn.Dense(self.features, name="dense1")(x), approximate=False)
+        features = self.features or embedding.shape[-1]
+        x = nn.gelu(nn.Dense(features, name="dense0")(embedding), approximate=False)
+        return nn.gelu(nn.Dense(features, name="dense1")(x), approximate=False)
 
 
 class DegradationModulation(nn.Module):

@@ -9,8 +9,9 @@ second-norm output) and its output is added to the feed-forward output, as in th
   per-channel scale is absorbed by the adapter's zero-initialised tail, so nothing is lost.
 * Restormer: beside every `FeedForward` (the GDFN).
 
-Hidden width per block `h = max(min_hidden, d // divisor)` for a block of width `d` (official
-IPT: d // 24; the widths of small CPU models need a smaller divisor). Only the adapters train;
+Hidden width per block `h = max(min_hidden, round(d * hidden_ratio))` for a block of width `d`
+(default ratio 1/24, the official IPT adapter's 576 -> 24; `min_hidden` 2, the smallest working
+adapter), unless `hidden` fixes one width for every block. Only the adapters train;
 the backbone is frozen. The tail is zero-initialised, so the adapted network equals the backbone
 at step 0. The adapters cannot be merged into the backbone (they are non-linear): inference runs
 them (`merge_fn` is None).
@@ -35,7 +36,10 @@ def hidden_width(features: int, section) -> int:
     """The adapter width of a block of width `features`."""
     if int(section.hidden):
         return int(section.hidden)
-    return max(int(section.min_hidden), features // int(section.divisor))
+    ratio = float(section.hidden_ratio)
+    if ratio <= 0:
+        raise ValueError(f"config.adaptir.hidden_ratio={ratio} must be > 0 (or set adaptir.hidden)")
+    return max(int(section.min_hidden), round(features * ratio))
 
 
 def _adapter(section, features: int) -> adaptir_lib.AdaptIR:

@@ -88,12 +88,26 @@ def _experts(section, weights, next_fun, args, kwargs, module):
     )
 
 
+def dam_width(section, features: int) -> int:
+    """DAM's first MLP width for a stage of `features` channels.
+
+    `moe.dam_hidden` fixes it (LoRA-IR: 128 on every stage of its width-64 NAFNet); 0 scales it
+    with the stage, `max(1, round(features * moe.dam_ratio))`, so small backbones get small DAMs.
+    """
+    if int(section.dam_hidden):
+        return int(section.dam_hidden)
+    ratio = float(section.dam_ratio)
+    if ratio <= 0:
+        raise ValueError(f"config.moe.dam_ratio={ratio} must be > 0 (or set moe.dam_hidden)")
+    return max(1, round(features * ratio))
+
+
 def _modulate(section, prior, next_fun, args, kwargs, module):
     """DAM on the stage's input, then the stage."""
     x = args[0]
     dam = modulation_lib.DegradationModulation(
         features=x.shape[-1],
-        hidden=int(section.dam_hidden),
+        hidden=dam_width(section, x.shape[-1]),
         reduction=int(section.dam_reduction),
         parent=None,  # a free-standing module applied by hand, not a child of the stage
     )
@@ -155,7 +169,8 @@ def parts(config, model: nn.Module, sample) -> Parts:
     _check(config)
     section = config.moe
     router = routing.build_router(config.router)
-    prior_model = modulation_lib.DegradationPrior(features=int(section.prior_features))
+    # 0: the prior keeps the router embedding's width, as LoRA-IR's intro_de (384 -> 384).
+    prior_model = modulation_lib.DegradationPrior(features=int(section.prior_features) or None)
     with_experts = section.train == "experts"
 
     def route(variables, images):
@@ -187,7 +202,8 @@ def parts(config, model: nn.Module, sample) -> Parts:
         n, experts = sample.shape[0], len(section.classes)
         prior = None
         if section.modulation:
-            prior = jnp.zeros((n, int(section.prior_features)), sample.dtype)
+            width = int(section.prior_features) or embedding.shape[-1]
+            prior = jnp.zeros((n, width), sample.dtype)
         weights = jnp.full((n, experts), 1.0 / experts) if with_experts else None
         with intercept.attach(attach_rules(section, weights=weights, prior=prior)):
             created = model.init(adapters_key, images)
