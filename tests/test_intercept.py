@@ -9,14 +9,7 @@ from flax import linen as nn
 from ir_lora.peft import intercept, lora
 from ir_lora.peft.lora import LoraConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    """Tiny graphs: XLA's optimisation passes cost more than they save."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 class Block(nn.Module):

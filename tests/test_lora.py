@@ -26,13 +26,7 @@ KINDS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    """Tiny graphs: XLA's optimisation passes cost more than they save (halves this file's time)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 class Body(nn.Module):

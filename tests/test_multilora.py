@@ -14,12 +14,7 @@ from ir_lora.uir import compose
 CONFIG = lora.LoraConfig(targets=((r"(.*/)?norm[^/]*", 0), (".*", 2)), alpha=4.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def _random_tree(shapes, seed, std=0.3):

@@ -11,13 +11,7 @@ from configs import common
 from ir_lora import checkpointing, models, runner
 from ir_lora.uir import run as uir_run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def _save(path, pixels):

@@ -11,14 +11,7 @@ from flax import traverse_util
 from ir_lora.peft import intercept, lora, partition, report
 from ir_lora.peft.lora import LoraConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    """Tiny graphs: XLA's optimisation passes cost more than they save (halves this file's time)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 class TinyRestorer(nn.Module):
