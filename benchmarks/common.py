@@ -115,11 +115,11 @@ class Setup:
     adapter_params: int
 
 
-def _lora_method(model, params, sample, config, rng):
+def _lora_method(model, params, sample, config, rng, bias_norm):
     variables = {"params": params, "lora": lora.init_lora(model, config, rng, sample)}
     # B = 0 would make the branch output exactly zero; non-zero B keeps the timing honest.
     variables["lora"] = jax.tree.map(lambda v: v + 0.01, variables["lora"])
-    labels = partition.label_tree(variables, partition.lora_rules())
+    labels = partition.label_tree(variables, partition.lora_rules(tune_bias_norm=bias_norm))
     trainable, frozen = partition.split(variables, labels)
 
     def apply_fn(trainable, frozen, images):
@@ -148,11 +148,19 @@ def _adaptir_method(model, params, sample, rng):
 
 
 def make_setup(
-    variant: str, method: str, sample, *, rank: int = 4, seed: int = 0, overrides=None
+    variant: str,
+    method: str,
+    sample,
+    *,
+    rank: int = 4,
+    seed: int = 0,
+    overrides=None,
+    bias_norm: bool = True,
 ) -> Setup:
     """Builds `method` on `variant` for inputs shaped like `sample` (ShapeDtypeStruct or array).
 
     `overrides` replace constructor fields of the variant (`models.build`), e.g. fewer blocks.
+    `bias_norm=False` trains the LoRA factors only (lora, colora), not the biases and norms.
     """
     model = build(variant, **(overrides or {}))
     params = random_params(intercept.eval_shape_init(model, sample)["params"], seed)
@@ -169,7 +177,7 @@ def make_setup(
         layers = conv_layers(model, sample)
         ranks = {p: rank for p in layers} if method == "lora" else colora_ranks(layers, rank)
         config = lora.LoraConfig(targets=lora.targets_from_ranks(ranks))
-        m, size = _lora_method(model, params, sample, config, rng)
+        m, size = _lora_method(model, params, sample, config, rng, bias_norm)
         return Setup(method, model, params, m, config, size)
     if method == "adaptir":
         m, size = _adaptir_method(model, params, sample, rng)

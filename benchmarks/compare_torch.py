@@ -6,9 +6,10 @@
 
 PyTorch is an optional benchmark dependency. Its NAFNet is the official definition transcribed in
 `tests/torch_reference.py`, loaded with the same weights (`models.to_torch`); its LoRA wraps the
-same convolutions (rank `--rank` on every dense conv, depthwise frozen, biases/norms/beta/gamma
-trained) in the same unmerged form (`Cin -> r` conv with A, then a 1x1 `r -> Cout` with B). Both
-steps are AdamW on the PSNR loss. Rows: full fine-tuning step, LoRA step, forward. Each round
+same convolutions (rank `--rank` on every dense conv, depthwise frozen) in the unmerged form
+(`Cin -> r` conv with A, then a 1x1 `r -> Cout` with B). Rows: full fine-tuning step; LoRA step
+with the factors, biases, norms and beta/gamma trained (`lora`, `partition.lora_rules()`) and
+with the factors only (`lora_factors`); forward. Steps are AdamW on the PSNR loss. Each round
 times one JAX call then one PyTorch call, so load changes on a shared machine hit both; the ratio
 is JAX median / PyTorch median (below 1: JAX is faster). Outputs of the two forwards are compared
 first, so the timed programs are known to compute the same thing.
@@ -60,8 +61,11 @@ class TorchLoRAConv(torch.nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
-def torch_nafnet(variant, overrides, params, factors=None):
-    """The PyTorch NAFNet with `params` and, given flax LoRA `factors`, LoRA-wrapped convs."""
+def torch_nafnet(variant, overrides, params, factors=None, bias_norm=True):
+    """The PyTorch NAFNet with `params` and, given flax LoRA `factors`, LoRA-wrapped convs.
+
+    With LoRA, the factors train, and with `bias_norm` the biases, norms and beta/gamma too.
+    """
     kwargs = {**VARIANTS[variant], **overrides}
     net = torch_reference.NAFNet(**kwargs)
     state = to_torch(variant, params, **overrides)
@@ -83,12 +87,13 @@ def torch_nafnet(variant, overrides, params, factors=None):
             getattr(parent, child), np.asarray(node[lora.DOWN]), np.asarray(node[lora.UP])
         )
         setattr(parent, child, wrapped)
-    # What `partition.lora_rules()` trains: the factors, biases, norms and beta/gamma.
+    # What `partition.lora_rules(tune_bias_norm=bias_norm)` trains.
     for name, p in net.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         in_norm = ".norm" in f".{name}"
         lora_factor = name.endswith((".down.weight", ".up.weight"))
-        p.requires_grad_(lora_factor or leaf in ("bias", "beta", "gamma") or in_norm)
+        bias_or_norm = leaf in ("bias", "beta", "gamma") or in_norm
+        p.requires_grad_(lora_factor or (bias_norm and bias_or_norm))
     return net
 
 
@@ -136,11 +141,14 @@ def interleaved(fns, *, steps, warmup=2):
 
 def build_row(row, args, overrides, batch):
     """`(jax_fn, torch_fn, info)` of one row, after checking both forwards agree."""
-    method = "full" if row == "forward" else row
+    method = {"forward": "full", "lora_factors": "lora"}.get(row, row)
+    bias_norm = row != "lora_factors"
     sample = jax.ShapeDtypeStruct(batch["lq"].shape, jnp.float32)
-    setup = common.make_setup(args.variant, method, sample, rank=args.rank, overrides=overrides)
+    setup = common.make_setup(
+        args.variant, method, sample, rank=args.rank, overrides=overrides, bias_norm=bias_norm
+    )
     factors = setup.method.init_fn(None)[0]["lora"] if method == "lora" else None
-    net = torch_nafnet(args.variant, overrides, setup.params, factors)
+    net = torch_nafnet(args.variant, overrides, setup.params, factors, bias_norm)
     lq_t = torch.from_numpy(np.asarray(batch["lq"]).transpose(0, 3, 1, 2).copy())
     gt_t = torch.from_numpy(np.asarray(batch["gt"]).transpose(0, 3, 1, 2).copy())
     # Same function first: the forward outputs agree (float32 accumulation-order differences).
@@ -190,7 +198,12 @@ def main():
         default=[2, 1],
         help="torch.set_num_threads values, each timed; ratios are against the fastest",
     )
-    parser.add_argument("--rows", nargs="+", default=["full", "lora", "forward"])
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=["full", "lora", "lora_factors", "forward"],
+        help="lora: factors plus biases/norms trained; lora_factors: the factors only",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     overrides = {
@@ -237,10 +250,11 @@ def main():
             f"| {row} | {r['jax_ms']:,.0f} | {torch_ms} | {r['ratio']:.2f} | "
             f"{r['compile_s']:.1f} | {r['max_abs_diff']:.1e} |"
         )
-    if "full" in results and "lora" in results:
-        jax_share = results["lora"]["jax_ms"] / results["full"]["jax_ms"]
-        torch_share = results["lora"]["torch_ms"] / results["full"]["torch_ms"]
-        print(f"\nLoRA step / full step: JAX {jax_share:.2f}, PyTorch {torch_share:.2f}")
+    for row in ("lora", "lora_factors"):
+        if "full" in results and row in results:
+            jax_share = results[row]["jax_ms"] / results["full"]["jax_ms"]
+            torch_share = results[row]["torch_ms"] / results["full"]["torch_ms"]
+            print(f"{row} step / full step: JAX {jax_share:.2f}, PyTorch {torch_share:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -33,8 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from ir_lora import train_lib  # noqa: E402
-from ir_lora.peft import lora, partition  # noqa: E402
+from ir_lora.peft import lora  # noqa: E402
 
 ROWS = {
     "full": ("full", None, True),
@@ -44,20 +43,12 @@ ROWS = {
 }
 
 
-def _factors_only(method: train_lib.Method) -> train_lib.Method:
-    variables = partition.combine(*method.init_fn(None))
-    labels = partition.label_tree(variables, partition.lora_rules(tune_bias_norm=False))
-    trainable, frozen = partition.split(variables, labels)
-    return train_lib.Method(lambda _: (trainable, frozen), method.apply_fn)
-
-
 def _compiled_step(args, method_name, ratio, bias_norm, batch):
     sample = jax.ShapeDtypeStruct(batch["lq"].shape, jnp.float32)
+    overrides = json.loads(args.override)
     setup = common.make_setup(
-        args.variant, method_name, sample, rank=args.rank, overrides=json.loads(args.override)
+        args.variant, method_name, sample, rank=args.rank, overrides=overrides, bias_norm=bias_norm
     )
-    if not bias_norm:
-        setup.method = _factors_only(setup.method)
     step, state, frozen = common.make_step(setup)
     previous = lora.LOW_RANK_BACKWARD_RATIO
     lora.LOW_RANK_BACKWARD_RATIO = previous if ratio is None else ratio
