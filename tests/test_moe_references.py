@@ -120,6 +120,10 @@ def test_another_router_or_a_changed_one_is_refused_naming_both_paths(trained, t
             with pytest.raises(checkpointing.ReferenceMismatchError, match="has changed") as error:
                 runner.restore_trained(_config(root, given), str(root / "run"))
             assert recorded in str(error.value)
+        shutil.rmtree(recorded)  # and gone: named, with where to give the router instead
+        with pytest.raises(FileNotFoundError, match="config.router.checkpoint") as error:
+            runner.restore_trained(_config(root, ""), str(root / "run"))
+        assert recorded in str(error.value)
     finally:  # the module's run stays restorable for any other test
-        shutil.rmtree(recorded)
+        shutil.rmtree(recorded, ignore_errors=True)
         shutil.copytree(os.path.join(copy, routing.EXPORT_DIR), recorded)

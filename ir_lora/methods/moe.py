@@ -278,10 +278,11 @@ def prepare(config, workdir: str, *, training: bool):
     given = config.router.get("checkpoint", "")
     path = routing.router_dir(config.router) if given else recorded["path"]
     if not os.path.exists(path):
+        if given:  # `routing.load_router` names the missing directory.
+            return config
         raise FileNotFoundError(
             f"The router {recorded['path']!r} recorded by the checkpoints in {workdir!r} no "
-            f"longer exists (config.router.checkpoint={given!r}): give its new place in "
-            "config.router.checkpoint"
+            "longer exists: give its new place in config.router.checkpoint"
         )
     try:
         checkpointing.verify_reference(recorded, path, name="router")
