@@ -226,15 +226,16 @@ def parts(config, model: nn.Module, sample) -> Parts:
     )
 
 
-def load(config, load_params) -> tuple[dict, str]:
-    """The init tree `{"params", "modulation", "router"}` and the path checkpoints reference.
+def load(config, load_params) -> tuple[dict, str | None]:
+    """The init tree `{"params", "modulation", "router"}` and the backbone path checkpoints
+    reference (None from scratch; the router is a reference of its own, `references`).
 
     `config.init.checkpoint` may be a previous `moe` run (its `export/variables`: backbone and
     modulation), any other exported backbone or workdir (`load_params`), or empty when
     pre-training from scratch; `config.init.torch` an official `.pth`.
     """
     _check(config)
-    router_params, router_path = routing.load_router(config.router)
+    router_params, _ = routing.load_router(config.router)
     # Host arrays: restored arrays are committed to one device, which a sharded init refuses.
     router_params = jax.device_get(router_params)
     tree = {"params": None, MODULATION: None, ROUTER: router_params}
@@ -253,7 +254,6 @@ def load(config, load_params) -> tuple[dict, str]:
         return tree, path
     if config.stage == "finetune":
         raise ValueError("moe with stage='finetune' needs config.init.checkpoint or init.torch")
-    del router_path  # Recorded as a reference of its own (`references`), not as a backbone.
     return tree, None
 
 
