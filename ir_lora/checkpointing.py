@@ -5,10 +5,12 @@ Each step directory `<workdir>/checkpoints/<step>/` holds three orbax items:
   state     the `TrainState` (step, trainable, opt_state, rng): never the frozen tree
   data_iter the data iterator's `get_state()` as JSON (grain dict or bytes), so input resumes
             exactly where it stopped
-  metadata  JSON: {"step", "backbone": {"path", "sha256"} | None, "extra": {...}}
+  metadata  JSON: {"step", "backbone": {"path", "sha256"} | None,
+            "references": {name: {"path", "sha256"}}, "extra": {...}}
 
 A fine-tuning checkpoint therefore holds only trainable parameters (adapters) plus a reference to
-the frozen backbone; `restore` re-hashes the backbone and refuses a mismatch. A newest checkpoint
+the frozen backbone, and to any other frozen input the method reads (`references`, e.g. LoRA-IR's
+router); `restore` re-hashes each of them and refuses a mismatch. A newest checkpoint
 that cannot be read (half-written, corrupt) is moved to `<workdir>/checkpoints_corrupt/` with a
 warning and the previous one is used. Orbax writes each step into a temporary directory and
 renames it when complete, so a process killed mid-save leaves no step directory behind.
@@ -32,7 +34,11 @@ from jax.experimental import multihost_utils
 _CHUNK = 1 << 20
 
 
-class BackboneMismatchError(ValueError):
+class ReferenceMismatchError(ValueError):
+    """A frozen input on disk is not the one the checkpoint was trained against."""
+
+
+class BackboneMismatchError(ReferenceMismatchError):
     """The frozen backbone on disk is not the one the checkpoint was trained against."""
 
 
@@ -69,24 +75,32 @@ def hash_path(path: str | os.PathLike) -> str:
 
 
 def backbone_reference(path: str | os.PathLike) -> dict[str, str]:
-    """`{"path": absolute path, "sha256": hash_path(path)}` for a frozen backbone file or dir."""
+    """`{"path": absolute path, "sha256": hash_path(path)}` for a frozen file or directory."""
     return {"path": os.path.abspath(os.fspath(path)), "sha256": hash_path(path)}
 
 
-def verify_backbone(reference: dict[str, str], path: str | os.PathLike | None = None) -> None:
-    """Checks that the backbone at `path` (default: the recorded path) has the recorded hash.
+def verify_reference(
+    reference: dict[str, str], path: str | os.PathLike | None = None, *, name: str
+) -> None:
+    """Checks that the frozen `name` at `path` (default: the recorded path) has the recorded hash.
 
     Raises:
-      FileNotFoundError: if the backbone is missing.
-      BackboneMismatchError: if its hash differs.
+      FileNotFoundError: if it is missing.
+      ReferenceMismatchError (BackboneMismatchError for the backbone): if its hash differs.
     """
     path = os.fspath(path) if path is not None else reference["path"]
     actual = hash_path(path)
     if actual != reference["sha256"]:
-        raise BackboneMismatchError(
-            f"Frozen backbone {path!r} has sha256 {actual}, but the checkpoint was trained "
+        error = BackboneMismatchError if name == "backbone" else ReferenceMismatchError
+        raise error(
+            f"Frozen {name} {path!r} has sha256 {actual}, but the checkpoint was trained "
             f"against {reference['path']!r} with sha256 {reference['sha256']}"
         )
+
+
+def verify_backbone(reference: dict[str, str], path: str | os.PathLike | None = None) -> None:
+    """`verify_reference` of the backbone (raises BackboneMismatchError)."""
+    verify_reference(reference, path, name="backbone")
 
 
 def make_manager(
@@ -131,6 +145,7 @@ def save(
     step: int,
     data_iterator: Any = None,
     backbone: dict[str, str] | None = None,
+    references: dict[str, dict[str, str]] | None = None,
     extra_metadata: dict[str, Any] | None = None,
 ) -> None:
     """Starts an (asynchronous) save of `state`, the iterator position and metadata at `step`.
@@ -141,13 +156,19 @@ def save(
       step: the step number (number of updates in `state`).
       data_iterator: an object with `get_state()`, or None.
       backbone: `backbone_reference(...)` of the frozen tree's source, or None.
+      references: `{name: backbone_reference(path)}` of other frozen inputs (e.g. a router).
       extra_metadata: any JSON-serialisable dict (e.g. the config) to store alongside.
 
     Raises:
       FloatingPointError: if the state holds NaN/Inf (the previous checkpoints stay the newest).
     """
     _check_finite(state)
-    metadata = {"step": int(step), "backbone": backbone, "extra": extra_metadata or {}}
+    metadata = {
+        "step": int(step),
+        "backbone": backbone,
+        "references": dict(references or {}),
+        "extra": extra_metadata or {},
+    }
     manager.save(
         int(step),
         args=ocp.args.Composite(
@@ -177,6 +198,7 @@ def restore(
     step: int | None = None,
     data_iterator: Any = None,
     backbone_path: str | os.PathLike | None = None,
+    reference_paths: dict[str, str | os.PathLike] | None = None,
     verify: bool = True,
 ) -> tuple[Any, dict[str, Any]] | None:
     """Restores the newest readable checkpoint (or exactly `step`) into `abstract_state`.
@@ -189,13 +211,16 @@ def restore(
         unreadable (the unreadable one is moved to `<directory>_corrupt`, with a warning).
       data_iterator: if given, its `set_state` receives the saved iterator position.
       backbone_path: where the frozen backbone lives now (default: the recorded path).
-      verify: check the recorded backbone hash (when the checkpoint recorded one).
+      reference_paths: `{name: path}`, where the other recorded frozen inputs live now (default:
+        their recorded paths).
+      verify: check the recorded hashes (backbone and references, where recorded).
 
     Returns:
       `(state, metadata)`, or None if there is no (readable) checkpoint.
 
     Raises:
-      BackboneMismatchError / FileNotFoundError: the recorded backbone does not match.
+      BackboneMismatchError / ReferenceMismatchError / FileNotFoundError: a recorded frozen
+        input does not match.
     """
     manager.wait_until_finished()
     abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
@@ -225,8 +250,11 @@ def restore(
             _quarantine(manager, candidate)
             continue
         metadata = dict(restored["metadata"])
-        if verify and metadata.get("backbone"):
-            verify_backbone(metadata["backbone"], backbone_path)
+        if verify:
+            if metadata.get("backbone"):
+                verify_backbone(metadata["backbone"], backbone_path)
+            for name, reference in (metadata.get("references") or {}).items():
+                verify_reference(reference, (reference_paths or {}).get(name), name=name)
         if data_iterator is not None:
             iterator_state = _decode_iterator_state(dict(restored["data_iter"]))
             if iterator_state is not None:
@@ -234,3 +262,26 @@ def restore(
         logging.info("Restored checkpoint step %d from %s", candidate, manager.directory)
         return restored["state"], metadata
     return None
+
+
+def latest_metadata(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The metadata item of the newest readable step under `directory`; None without steps.
+
+    Reads only the small JSON item, so that a run can complete its config from what its
+    checkpoints recorded (e.g. a frozen input's path) before building anything.
+    """
+    if not os.path.isdir(directory):
+        return None
+    manager = make_manager(directory)
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                restored = manager.restore(
+                    step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
+                )
+            except Exception:  # noqa: BLE001 - unreadable: `restore` falls back the same way.
+                continue
+            return dict(restored["metadata"])
+        return None
+    finally:
+        manager.close()

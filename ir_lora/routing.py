@@ -95,20 +95,22 @@ def router_shapes(section, image_shape: Sequence[int] = (1, 64, 64, 3)):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), sample))["params"]
 
 
-def _export_dir(path: str) -> str:
-    candidate = os.path.join(path, EXPORT_DIR)
-    return os.path.abspath(candidate if os.path.isdir(candidate) else path)
-
-
-def load_router(section) -> tuple[Any, str]:
-    """Trained router params from `section.checkpoint` (a router workdir or its export dir)."""
+def router_dir(section) -> str:
+    """The absolute params directory `section.checkpoint` names (a router workdir or its export)."""
     path = section.get("checkpoint", "")
     if not path:
         raise ValueError(
             "config.router.checkpoint is empty: train a router first (python train.py --config "
             "configs/moe_router.py --workdir DIR) and give DIR"
         )
-    directory = _export_dir(path)
+    candidate = os.path.join(path, EXPORT_DIR)
+    return os.path.abspath(candidate if os.path.isdir(candidate) else path)
+
+
+def load_router(section) -> tuple[Any, str]:
+    """Trained router params from `section.checkpoint` and their directory (`router_dir`)."""
+    path = section.get("checkpoint", "")
+    directory = router_dir(section)
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"config.router.checkpoint={path!r}: no router params at {directory!r} "

@@ -7,8 +7,7 @@ Stages (`config.stage`):
 * `finetune`: a pre-trained backbone (`config.init.checkpoint`: an exported params directory or a
   pre-training workdir; or `config.init.torch`: an official PyTorch `.pth`) adapted with
   `config.method` on paired data (or clean data with `data.noise_sigma`). The checkpoints hold only
-  what trains, plus the path and hash of the backbone. With `method="colora"` and no
-  `colora.ranks` file, the run first computes contributions and ranks into `<workdir>/colora/`.
+  what trains, plus the path and hash of the backbone and of the method's other frozen inputs.
 * `contributions`: CoLoRA's per-layer contributions of a pre-trained backbone to a task, the
   ranks under the budget, and their charts (`ir_lora.colora.pipeline`), written to the workdir;
   `ranks.json` is what `method="colora"` reads.
@@ -16,6 +15,13 @@ Stages (`config.stage`):
 Every run ends by exporting the plain inference params (adapters merged) to
 `<workdir>/export/params` (methods that cannot merge: all variable collections to
 `<workdir>/export/variables`) and evaluating `config.eval.datasets` into `<workdir>/eval/`.
+
+Methods take part through the hooks of their `methods.MethodSpec`, never by name here: `prepare`
+completes the config (CoLoRA computes its ranks, LoRA-IR finds its recorded router), `load` and
+`references` supply the frozen inputs, and `train_and_evaluate` / `evaluate` replace the stage
+of a method that composes trained runs (UIR-LoRA). Backbones are built, loaded and exported by
+`ir_lora.backbones` (`build_model`, `load_params`, `load_backbone`, `export_params`, also
+reachable here).
 """
 
 import logging
@@ -26,82 +32,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from clu import values
 
 from ir_lora import checkpointing, evaluator, methods, models, train_lib, trainer
 from ir_lora import sharding as sharding_lib
+from ir_lora.backbones import EXPORT_DIR, build_model, export_params, load_backbone, load_params
 from ir_lora.data import pipeline
 from ir_lora.data import prepare as prepare_dataset
 from ir_lora.peft import partition
 
 STAGES = ("pretrain", "finetune", "contributions")
-EXPORT_DIR = os.path.join("export", "params")
 # Methods whose adapters cannot be merged (AdaptIR, mixtures of experts) export every collection.
 EXPORT_VARIABLES_DIR = os.path.join("export", "variables")
-
-
-# ---------------------------------------------------------------------------------------------
-# Backbones: build, load, export.
-
-
-def build_model(config):
-    return models.build(config.model.variant, **dict(config.model.get("overrides", {})))
-
-
-def export_params(params: Any, directory: str) -> str:
-    """Writes plain params with orbax (overwriting) and returns the absolute directory."""
-    directory = os.path.abspath(directory)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory, params, force=True)
-    checkpointer.wait_until_finished()
-    return directory
-
-
-def _exported_dir(path: str) -> str:
-    """An exported params directory, given it or a workdir that holds one."""
-    candidate = os.path.join(path, EXPORT_DIR)
-    return os.path.abspath(candidate if os.path.isdir(candidate) else path)
-
-
-def load_params(config, path: str) -> tuple[Any, str]:
-    """Backbone params of `config.model` from an exported directory, a workdir or a `.pth` file.
-
-    Returns:
-      `(params, resolved path)`; the path is what checkpoints reference and hash.
-    """
-    variant, overrides = config.model.variant, dict(config.model.get("overrides", {}))
-    if path.endswith((".pth", ".pt")):
-        key = config.init.get("torch_key") or None
-        return models.from_torch(variant, path, key=key, **overrides), os.path.abspath(path)
-    directory = _exported_dir(path)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"No exported params at {directory!r}: give a directory written by a previous run "
-            f"(<workdir>/{EXPORT_DIR}), its workdir, or a PyTorch .pth file"
-        )
-    target = models.param_shapes(variant, **overrides)
-    try:
-        params = ocp.StandardCheckpointer().restore(directory, target)
-    except (ValueError, KeyError) as error:
-        raise ValueError(
-            f"Params in {directory!r} do not fit model {variant!r} {overrides or ''}: {error}"
-        ) from error
-    # Host arrays: orbax restores onto the devices the export was written from, which need not
-    # be this run's mesh; the jitted init places them by the mesh's shardings instead.
-    return jax.device_get(params), directory
-
-
-def load_backbone(config) -> tuple[Any, str]:
-    """The pre-trained backbone named by `config.init` (exactly one of checkpoint / torch)."""
-    checkpoint, torch_path = config.init.get("checkpoint", ""), config.init.get("torch", "")
-    if bool(checkpoint) == bool(torch_path):
-        raise ValueError(
-            "stage='finetune' needs exactly one of config.init.checkpoint (exported params or a "
-            f"workdir) and config.init.torch (a .pth file); got checkpoint={checkpoint!r}, "
-            f"torch={torch_path!r}"
-        )
-    return load_params(config, checkpoint or torch_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,10 +128,17 @@ def _check_config(config) -> None:
     if config.stage not in STAGES:
         raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
     if config.stage == "pretrain" and not methods.trains_backbone(config):
+        able = " or ".join(repr(n) for n, s in methods.REGISTRY.items() if s.trains_backbone)
         raise ValueError(
-            "stage='pretrain' trains every backbone parameter: method must be 'full' (or 'moe' "
-            f"with moe.train='backbone'), got {config.method!r}"
+            f"stage='pretrain' trains every backbone parameter: method must be {able}, set to "
+            f"train all of them (methods.trains_backbone), got {config.method!r}"
         )
+
+
+def _prepare(config, workdir: str, *, training: bool):
+    """The config as the method completes it (`MethodSpec.prepare`) for this workdir."""
+    prepare = methods.spec(config).prepare
+    return config if prepare is None else prepare(config, workdir, training=training)
 
 
 def build_adaptation(config, model) -> methods.Adaptation:
@@ -247,23 +196,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       `contributions` stage, `ir_lora.colora.pipeline.compute`'s result.
     """
     _check_config(config)
-    if config.method == "multilora":  # composes trained LoRA runs (UIR-LoRA): its own stage
-        from ir_lora.uir import run as multilora
-
-        return multilora.train_and_evaluate(config, workdir)
+    own_stage = methods.spec(config).train_and_evaluate
+    if own_stage is not None:
+        return own_stage(config, workdir)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     if config.stage == "contributions":
         from ir_lora.colora import pipeline  # CoLoRA only: plotting and FAIG.
 
         return pipeline.compute(config, workdir)
-    if config.method == "colora":
-        from ir_lora.colora import pipeline
-
-        config = pipeline.with_ranks(config, workdir, compute_missing=True)
+    config = _prepare(config, workdir, training=True)
     model = build_model(config)
     adaptation = build_adaptation(config, model)
-    init_args, backbone_path = _init_args(config)
+    init_args, backbone_path, references = _frozen_inputs(config)
     shapes = models.param_shapes(config.model.variant, **dict(config.model.get("overrides", {})))
     report = adaptation.report(shapes)
     logging.info("Parameters (%s, method=%s):\n%s", config.model.variant, config.method, report)
@@ -280,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         data_iterator=data_iterator,
         init_args=init_args,
         backbone_path=backbone_path,
+        references=references,
         eval_fn=sample_images_fn(adaptation, samples, seed=config.seed),
     )
     variables = jax.device_get(partition.combine(state.trainable, frozen))
@@ -301,20 +247,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"report": report, "export": export, "eval": results}
 
 
-def _init_args(config) -> tuple[tuple, str | None]:
-    """`(init_args, path)`: what `init_fn` gets after the key, and what checkpoints reference.
+def _frozen_inputs(config) -> tuple[tuple, str | None, dict[str, str]]:
+    """`(init_args, backbone path, references)`: what `init_fn` gets after the key, and the
+    frozen inputs whose path and hash checkpoints record (`MethodSpec.references`: e.g. a router).
 
-    A method with its own loader (`methods.LOADERS`, e.g. `moe`: backbone, modulation and router)
-    uses it; otherwise a fine-tune loads the backbone of `config.init` and pre-training nothing.
+    A method with its own loader (`MethodSpec.load`, e.g. `moe`: backbone, modulation and
+    router) uses it; otherwise a fine-tune loads the backbone of `config.init`, pre-training
+    nothing.
     """
-    loader = methods.LOADERS.get(config.method)
-    if loader is not None:
-        tree, path = loader(config, load_params)
-        return (tree,), path
+    spec = methods.spec(config)
+    references = {} if spec.references is None else spec.references(config)
+    if spec.load is not None:
+        tree, path = spec.load(config, load_params)
+        return (tree,), path, references
     if config.stage == "finetune":
         backbone, path = load_backbone(config)
-        return (backbone,), path
-    return (), None
+        return (backbone,), path, references
+    return (), None, references
 
 
 def inference(adaptation: methods.Adaptation, model, variables) -> tuple[Any, Any]:
@@ -331,17 +280,15 @@ def inference(adaptation: methods.Adaptation, model, variables) -> tuple[Any, An
 def restore_trained(config, workdir: str) -> tuple[dict, methods.Adaptation, int]:
     """The newest checkpoint of a training workdir as variables (every collection, unmerged).
 
-    The backbone comes from `config.init` and is checked against the hash the checkpoint
-    recorded. Returns `(variables, adaptation, step)`; `inference` turns them into a restore
-    function and its params (adapters merged where the method allows).
+    The backbone comes from `config.init` (the method's other frozen inputs from the config,
+    or where the checkpoint recorded them, `MethodSpec.prepare`) and is checked against the hash
+    the checkpoint recorded. Returns `(variables, adaptation, step)`; `inference` turns them into
+    a restore function and its params (adapters merged where the method allows).
     """
-    if config.method == "colora":
-        from ir_lora.colora import pipeline
-
-        config = pipeline.with_ranks(config, workdir, compute_missing=False)
+    config = _prepare(config, workdir, training=False)
     model = build_model(config)
     adaptation = build_adaptation(config, model)
-    init_args, backbone_path = _init_args(config)
+    init_args, backbone_path, references = _frozen_inputs(config)
     steps = int(config.num_train_steps)
     tx = train_lib.make_optimizer(config.optimizer, num_train_steps=steps)
     state, frozen, _, _ = train_lib.create_train_state(
@@ -352,7 +299,9 @@ def restore_trained(config, workdir: str) -> tuple[dict, methods.Adaptation, int
         init_args=init_args,
     )
     manager = checkpointing.make_manager(os.path.join(os.path.abspath(workdir), "checkpoints"))
-    restored = checkpointing.restore(manager, state, backbone_path=backbone_path)
+    restored = checkpointing.restore(
+        manager, state, backbone_path=backbone_path, reference_paths=references
+    )
     if restored is None:
         raise FileNotFoundError(f"No readable checkpoint in {workdir}/checkpoints")
     state = restored[0]
@@ -380,12 +329,13 @@ def evaluate(
     """
     if bool(workdir) == bool(checkpoint):
         raise ValueError("Give exactly one of workdir and checkpoint")
-    if config.method == "multilora":
+    own_evaluation = methods.spec(config).evaluate
+    if own_evaluation is not None:
         if not workdir:
-            raise ValueError("method='multilora' is evaluated from its workdir, not a checkpoint")
-        from ir_lora.uir import run as multilora
-
-        return multilora.evaluate(config, workdir, datasets=datasets, out_dir=out_dir)
+            raise ValueError(
+                f"method={config.method!r} is evaluated from its workdir, not a checkpoint"
+            )
+        return own_evaluation(config, workdir, datasets=datasets, out_dir=out_dir)
     model = build_model(config)
     if checkpoint:
         params, where = load_params(config, checkpoint)

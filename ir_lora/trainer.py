@@ -90,6 +90,7 @@ def train(
     frozen: Any = None,
     init_args: tuple = (),
     backbone_path: str | os.PathLike | None = None,
+    references: Mapping[str, str | os.PathLike] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     eval_fn: Callable[[train_lib.TrainState, Any], Mapping[str, Any]] | None = None,
 ) -> tuple[train_lib.TrainState, Any]:
@@ -110,6 +111,8 @@ def train(
       init_args: arrays passed to `method.init_fn` after the key (e.g. the loaded backbone).
       backbone_path: file or directory the frozen tree was loaded from; its hash is recorded in
         every checkpoint and checked on resume.
+      references: `{name: path}` of other frozen inputs (e.g. a router), recorded and checked
+        likewise.
       mesh: default `sharding.make_mesh(config)`.
       eval_fn: `(state, frozen) -> {name: value}` run every `config.eval_every_steps` steps
         (default: only after the last step) and written with `metric_writers.write_values`:
@@ -162,11 +165,17 @@ def train(
     writer.write_hparams(config_json)
 
     backbone = checkpointing.backbone_reference(backbone_path) if backbone_path else None
+    references = dict(references or {})
+    recorded = {name: checkpointing.backbone_reference(p) for name, p in references.items()}
     manager = checkpointing.make_manager(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.get("max_to_keep", 3)
     )
     restored = checkpointing.restore(
-        manager, state, data_iterator=data_iterator, backbone_path=backbone_path
+        manager,
+        state,
+        data_iterator=data_iterator,
+        backbone_path=backbone_path,
+        reference_paths=references,
     )
     if restored is not None:
         state = restored[0]
@@ -234,6 +243,7 @@ def train(
                     step=step,
                     data_iterator=data_iterator,
                     backbone=backbone,
+                    references=recorded,
                     extra_metadata={"config": config_json},
                 )
     manager.wait_until_finished()

@@ -105,6 +105,28 @@ def test_round_trip_with_iterator_state_and_backbone_check(tmp_path):
     assert checkpointing.restore(manager, state, backbone_path=moved) is not None
 
 
+def test_other_frozen_inputs_are_recorded_and_checked_by_name(tmp_path):
+    router = tmp_path / "router.bin"
+    _write(str(router), b"router weights")
+    state = _fresh_state()
+    manager = checkpointing.make_manager(tmp_path / "ckpt")
+    reference = checkpointing.backbone_reference(router)
+    checkpointing.save(manager, state, step=3, references={"router": reference})
+    manager.wait_until_finished()
+    assert checkpointing.latest_metadata(tmp_path / "ckpt")["references"] == {"router": reference}
+    assert checkpointing.latest_metadata(tmp_path / "none") is None
+    assert checkpointing.restore(manager, state) is not None
+
+    other = tmp_path / "other.bin"
+    _write(str(other), b"another router")
+    with pytest.raises(checkpointing.ReferenceMismatchError, match="router.*other.bin.*router.bin"):
+        checkpointing.restore(manager, state, reference_paths={"router": other})
+    _write(str(router), b"retrained router")
+    with pytest.raises(checkpointing.ReferenceMismatchError, match="Frozen router") as error:
+        checkpointing.restore(manager, state)
+    assert not isinstance(error.value, checkpointing.BackboneMismatchError)
+
+
 def test_bytes_iterator_state_round_trip(tmp_path):
     class BytesIterator:  # like grain's DataLoader iterator
         state = b'{"last_seen_indices": {"0": 7}}'

@@ -163,3 +163,43 @@ def test_config_errors_name_the_problem(tmp_path):
 def test_eval_dataset_spec_is_a_config_entry():
     entry = common.eval_dataset("paired", "/x", split="test", noise_sigma=25.0)
     assert entry.split == "test" and entry.noise_sigma == 25.0
+
+
+def test_runner_dispatches_through_the_method_registry(monkeypatch, tmp_path):
+    """A method registered with its own stage runs it; the runner knows no method by name."""
+    calls = []
+
+    def own_stage(config, workdir):
+        calls.append(("train", config.method, workdir))
+        return {"eval": "trained"}
+
+    def own_evaluation(config, workdir, *, datasets=None, out_dir=None):
+        calls.append(("eval", workdir, datasets, out_dir))
+        return "evaluated"
+
+    spec = methods.MethodSpec(
+        parts=None,
+        trains_backbone=lambda config: config.seed == 7,
+        train_and_evaluate=own_stage,
+        evaluate=own_evaluation,
+    )
+    monkeypatch.setitem(methods.REGISTRY, "composed", spec)
+    config = finetune_lora.get_config()
+    config.unlock()
+    config.method = "composed"
+    assert runner.train_and_evaluate(config, str(tmp_path)) == {"eval": "trained"}
+    assert runner.evaluate(config, workdir="w", datasets=["val"], out_dir="o") == "evaluated"
+    assert calls == [("train", "composed", str(tmp_path)), ("eval", "w", ["val"], "o")]
+    with pytest.raises(ValueError, match="'composed' is evaluated from its workdir"):
+        runner.evaluate(config, checkpoint="params")
+    with pytest.raises(ValueError, match="'composed' builds no adapters"):
+        methods.build(config, models.build("nafnet-tiny"), image_shape=(1, 8, 8, 3))
+
+    # Pre-training asks the registry whether the method, as configured, trains the backbone.
+    config.stage = "pretrain"
+    assert not methods.trains_backbone(config)
+    with pytest.raises(ValueError, match="method must be 'full' or 'moe' or 'composed'"):
+        runner.train_and_evaluate(config, str(tmp_path))
+    config.seed = 7
+    assert methods.trains_backbone(config)
+    assert runner.train_and_evaluate(config, str(tmp_path)) == {"eval": "trained"}

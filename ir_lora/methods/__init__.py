@@ -6,20 +6,22 @@ into a `train_lib.Method`: `init_fn(rng, backbone) -> (trainable, frozen)` and
 pre-trained tree is never baked into a compiled program. Adapters attach from outside by module
 path (`ir_lora.peft`); the backbone code never changes.
 
-Each method is a module here with `parts(config, model, sample) -> Parts`, registered in
-`REGISTRY`:
+Each method is a module here whose `SPEC` (a `MethodSpec`) is registered in `REGISTRY`: its
+`parts(config, model, sample) -> Parts`, and optional hooks by which it takes part in the stages
+(`MethodSpec`: what it loads, what its checkpoints reference, how it completes its config, or a
+stage of its own). The runner dispatches through them and never tests a method's name.
 
 * `full`: every parameter trains (pre-training, full fine-tuning), or with `full.train_only`
   only the parameters whose paths match (e.g. decoder-only tuning).
 * `lora`: LoRA factors on the targeted layers, plus biases and norms when `tune_bias_norm`;
   everything else is frozen and gets neither gradients nor optimizer state.
-* `colora`: LoRA with per-layer ranks from a CoLoRA ranks file (`colora.ranks`).
+* `colora`: LoRA with per-layer ranks from a CoLoRA ranks file (`colora.ranks`), computed by
+  the run itself when not given.
 * `adaptir`: AdaptIR adapters beside every feed-forward path; the backbone is frozen.
 * `moe`: LoRA-IR, mixtures of low-rank experts on every conv routed per image by a frozen
   degradation router, with degradation-aware modulation of the encoder stages.
-
-A method that needs more than the backbone at init (the router, a previous stage's modulation)
-registers a loader in `LOADERS`: `loader(config, load_params) -> (init tree, path)`.
+* `multilora`: UIR-LoRA, trained `lora` runs composed per image (a stage of its own,
+  `ir_lora.uir.run`).
 """
 
 import dataclasses
@@ -31,35 +33,44 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ir_lora import train_lib
-from ir_lora.methods import adaptir, colora, full, lora, moe
-from ir_lora.methods.base import Parts, init_or_given
+from ir_lora.methods import adaptir, colora, full, lora, moe, multilora
+from ir_lora.methods.base import MethodSpec, Parts, init_or_given
 from ir_lora.peft import partition, report
 
-REGISTRY: dict[str, Callable[..., Parts]] = {
-    "full": full.parts,
-    "lora": lora.parts,
-    "colora": colora.parts,
-    "adaptir": adaptir.parts,
-    "moe": moe.parts,
+REGISTRY: dict[str, MethodSpec] = {
+    "full": full.SPEC,
+    "lora": lora.SPEC,
+    "colora": colora.SPEC,
+    "adaptir": adaptir.SPEC,
+    "moe": moe.SPEC,
+    "multilora": multilora.SPEC,
 }
-LOADERS: dict[str, Callable[..., tuple[Any, str | None]]] = {"moe": moe.load}
 METHODS = tuple(REGISTRY)
 
 __all__ = [
-    "LOADERS",
     "METHODS",
     "REGISTRY",
     "Adaptation",
+    "MethodSpec",
     "Parts",
     "build",
     "init_or_given",
+    "spec",
     "trains_backbone",
 ]
 
 
+def spec(config) -> MethodSpec:
+    """The registered `MethodSpec` of `config.method`."""
+    if config.method not in REGISTRY:
+        raise ValueError(f"config.method={config.method!r} is not one of {METHODS}")
+    return REGISTRY[config.method]
+
+
 def trains_backbone(config) -> bool:
-    """Whether `config.method` trains every backbone parameter (allowed for pre-training)."""
-    return config.method == "full" or (config.method == "moe" and config.moe.train == "backbone")
+    """Whether `config.method`, as configured, trains every backbone parameter (pre-training)."""
+    hook = spec(config).trains_backbone
+    return hook is not None and bool(hook(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +117,14 @@ def build(
       The `Adaptation`. Its `init_fn` expects the backbone params as its second argument; with
       `None` (training from scratch) it initialises them from the key.
     """
-    if config.method not in REGISTRY:
-        raise ValueError(f"config.method={config.method!r} is not one of {METHODS}")
+    parts_fn = spec(config).parts
+    if parts_fn is None:
+        raise ValueError(
+            f"config.method={config.method!r} builds no adapters on a backbone: it runs a stage "
+            "of its own (runner.train_and_evaluate / runner.evaluate)"
+        )
     sample = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32)
-    parts = REGISTRY[config.method](config, model, sample)
+    parts = parts_fn(config, model, sample)
 
     def init_fn(rng, backbone=None):
         variables = parts.variables_fn(rng, backbone)

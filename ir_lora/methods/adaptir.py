@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ir_lora.adapters import adaptir as adaptir_lib
-from ir_lora.methods.base import Parts, init_or_given
+from ir_lora.methods.base import MethodSpec, Parts, init_or_given
 from ir_lora.models import NAFBlock
 from ir_lora.models.restormer import FeedForward
 from ir_lora.peft import intercept, partition
@@ -113,3 +113,6 @@ def parts(config, model: nn.Module, sample) -> Parts:
     return Parts(
         rules=trainability_rules(), variables_fn=variables_fn, apply_fn=apply_fn, merge_fn=None
     )
+
+
+SPEC = MethodSpec(parts=parts)

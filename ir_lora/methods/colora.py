@@ -7,15 +7,16 @@ gets no adapter. Biases and norms train too with `tune_bias_norm` (the allocatio
 against the budget, so the setting must match the file's). Everything else is frozen and the
 checkpoints hold only the trainable tree, as for `lora`.
 
-With `colora.ranks` empty, `runner.train_and_evaluate` computes the ranks first (brief full
-fine-tune, FAIG, allocation) and fills it in; this module only reads a file.
+With `colora.ranks` empty, `prepare` fills it in: a training run computes the ranks first into
+`<workdir>/colora/` (brief full fine-tune, FAIG, allocation: `ir_lora.colora.pipeline`), a
+restored run reads the ranks it computed there.
 """
 
 from flax import linen as nn
 
 from ir_lora.colora import files
 from ir_lora.methods import lora
-from ir_lora.methods.base import Parts
+from ir_lora.methods.base import MethodSpec, Parts
 from ir_lora.peft import lora as lora_lib
 
 
@@ -43,3 +44,13 @@ def lora_config(section) -> lora_lib.LoraConfig:
 
 def parts(config, model: nn.Module, sample) -> Parts:
     return lora.parts_for(lora_config(config.colora), config.colora, model, sample)
+
+
+def prepare(config, workdir: str, *, training: bool):
+    """`config` with `colora.ranks` set: as given, or the run's own (computed when training)."""
+    from ir_lora.colora import pipeline  # It imports the runner, which imports this package.
+
+    return pipeline.with_ranks(config, workdir, compute_missing=training)
+
+
+SPEC = MethodSpec(parts=parts, prepare=prepare)

@@ -8,7 +8,7 @@ Every pattern must match some parameter, so a typo fails loudly instead of freez
 
 from flax import linen as nn
 
-from ir_lora.methods.base import Parts, init_or_given
+from ir_lora.methods.base import MethodSpec, Parts, init_or_given
 from ir_lora.peft import partition
 
 # Decoder stages of NAFNet (ups_*, decoders_*, ending) and Restormer (up*, reduce_chan_level*,
@@ -39,3 +39,11 @@ def parts(config, model: nn.Module, sample) -> Parts:
         apply_fn=apply_fn,
         merge_fn=lambda variables: variables["params"],
     )
+
+
+def trains_backbone(config) -> bool:
+    del config  # Every parameter, or those of `train_only`, trains from scratch if need be.
+    return True
+
+
+SPEC = MethodSpec(parts=parts, trains_backbone=trains_backbone)

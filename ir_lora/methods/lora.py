@@ -3,7 +3,7 @@
 import jax
 from flax import linen as nn
 
-from ir_lora.methods.base import Parts, init_or_given
+from ir_lora.methods.base import MethodSpec, Parts, init_or_given
 from ir_lora.peft import lora as lora_lib
 from ir_lora.peft import partition
 
@@ -52,3 +52,6 @@ def parts_for(lora_cfg: lora_lib.LoraConfig, section, model: nn.Module, sample) 
 
 def parts(config, model: nn.Module, sample) -> Parts:
     return parts_for(lora_config(config.lora), config.lora, model, sample)
+
+
+SPEC = MethodSpec(parts=parts)

@@ -26,6 +26,11 @@ The training stages of the paper, each a `train.py` run (configs/moe_*.py):
 
 Variable collections: `params` (backbone), `moe` (experts, at each conv's path), `modulation`
 (DAM at each stage's path, plus `degradation_prior`, LoRA-IR's `intro_de`), `router`.
+
+The checkpoints of stages 2 and 3 hold only what trains. They reference (path and sha256) the
+frozen backbone they started from (stage 3: stage 2's `export/variables`, with its modulation)
+and the router; a restored run (`eval.py --workdir`) takes the recorded router when
+`router.checkpoint` is empty and refuses a router whose content differs from the recorded one.
 """
 
 import functools
@@ -36,10 +41,10 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from ir_lora import routing
+from ir_lora import checkpointing, routing
 from ir_lora.adapters import mixlora
 from ir_lora.adapters import modulation as modulation_lib
-from ir_lora.methods.base import Parts, init_or_given
+from ir_lora.methods.base import MethodSpec, Parts, init_or_given
 from ir_lora.models import NAFStage, TransformerStage
 from ir_lora.peft import intercept, partition
 
@@ -237,15 +242,16 @@ def parts(config, model: nn.Module, sample) -> Parts:
     )
 
 
-def load(config, load_params) -> tuple[dict, str]:
-    """The init tree `{"params", "modulation", "router"}` and the path checkpoints reference.
+def load(config, load_params) -> tuple[dict, str | None]:
+    """The init tree `{"params", "modulation", "router"}` and the backbone path checkpoints
+    reference (None from scratch; the router is a reference of its own, `references`).
 
     `config.init.checkpoint` may be a previous `moe` run (its `export/variables`: backbone and
     modulation), any other exported backbone or workdir (`load_params`), or empty when
     pre-training from scratch; `config.init.torch` an official `.pth`.
     """
     _check(config)
-    router_params, router_path = routing.load_router(config.router)
+    router_params, _ = routing.load_router(config.router)
     # Host arrays: restored arrays are committed to one device, which a sharded init refuses.
     router_params = jax.device_get(router_params)
     tree = {"params": None, MODULATION: None, ROUTER: router_params}
@@ -264,4 +270,58 @@ def load(config, load_params) -> tuple[dict, str]:
         return tree, path
     if config.stage == "finetune":
         raise ValueError("moe with stage='finetune' needs config.init.checkpoint or init.torch")
-    return tree, router_path
+    return tree, None
+
+
+def references(config) -> dict[str, str]:
+    """The router, frozen in every stage: its checkpoints record its path and hash."""
+    return {ROUTER: routing.router_dir(config.router)}
+
+
+def prepare(config, workdir: str, *, training: bool):
+    """`config` with `router.checkpoint` from the workdir's newest checkpoint when left empty.
+
+    Raises:
+      ReferenceMismatchError: the config's router, or the recorded one when the config leaves
+        it empty, is not (any more) the router the checkpoints were trained with; the message
+        names both paths.
+    """
+    del training  # A resumed training run and a restored one are held to the same router.
+    metadata = checkpointing.latest_metadata(os.path.join(os.path.abspath(workdir), "checkpoints"))
+    recorded = ((metadata or {}).get("references") or {}).get(ROUTER)
+    if recorded is None:
+        return config
+    given = config.router.get("checkpoint", "")
+    path = routing.router_dir(config.router) if given else recorded["path"]
+    if not os.path.exists(path):
+        if given:  # `routing.load_router` names the missing directory.
+            return config
+        raise FileNotFoundError(
+            f"The router {recorded['path']!r} recorded by the checkpoints in {workdir!r} no "
+            "longer exists: give its new place in config.router.checkpoint"
+        )
+    try:
+        checkpointing.verify_reference(recorded, path, name="router")
+    except checkpointing.ReferenceMismatchError as error:
+        if os.path.realpath(path) != os.path.realpath(recorded["path"]):
+            why = f"config.router.checkpoint={given!r} is another router than {recorded['path']!r}"
+        else:
+            why = f"the router {path!r} (config.router.checkpoint={given!r}) has changed"
+        raise checkpointing.ReferenceMismatchError(
+            f"{why}, which the checkpoints in {workdir!r} were trained with: {error}"
+        ) from None
+    if given:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.router.checkpoint = recorded["path"]
+    return config
+
+
+SPEC = MethodSpec(
+    parts=parts,
+    trains_backbone=lambda config: config.moe.train == "backbone",
+    load=load,
+    references=references,
+    prepare=prepare,
+)

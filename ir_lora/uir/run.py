@@ -55,13 +55,10 @@ def default_config() -> ml_collections.ConfigDict:
 def run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a training run recorded in its newest checkpoint."""
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    manager = checkpointing.make_manager(directory)
-    step = manager.latest_step()
-    if step is None:
+    metadata = checkpointing.latest_metadata(directory)
+    if metadata is None:
         raise FileNotFoundError(f"multilora: no checkpoint in {directory!r} (train the LoRA first)")
-    restored = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-    manager.close()
-    return ml_collections.ConfigDict(dict(restored["metadata"])["extra"]["config"])
+    return ml_collections.ConfigDict(metadata["extra"]["config"])
 
 
 def _check_run(name: str, workdir: str, run: ml_collections.ConfigDict, config) -> None:
