@@ -3,7 +3,6 @@
 import json
 import os
 
-import jax
 import pytest
 
 from configs import moe_allinone
@@ -35,14 +34,11 @@ def _tiny_config():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, fast_compilation):
     """A finished tiny run: `(workdir, the table it printed)`."""
-    # Tiny graphs: XLA's optimisation passes cost more than they save (kept for the tests too).
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
+    del fast_compilation  # on for the run and the tests that use it
     workdir = str(tmp_path_factory.mktemp("allinone"))
-    yield workdir, allinone.run(_tiny_config(), workdir)
-    jax.config.update("jax_disable_most_optimizations", previous)
+    return workdir, allinone.run(_tiny_config(), workdir)
 
 
 def test_evaluate_reproduces_the_training_table(trained):

@@ -17,13 +17,7 @@ from ir_lora import checkpointing, models, routing, runner
 SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    """Tiny graphs: XLA's optimisation passes cost more than they save."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def _config(root, router: str):
