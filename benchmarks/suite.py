@@ -11,7 +11,8 @@ process so that its peak memory is its own:
   `--steps` steps after 2 warm-up steps; images/s; compile time (lowering + XLA) separately;
 * peak RSS of the process, bytes of the optimizer state and adapter parameters;
 * inference (one process per variant): the base model, the model with unmerged LoRA adapters and
-  with the adapters merged into the kernels;
+  with the adapters merged into the kernels, in at least 21 shuffled interleaved rounds; the ratio
+  is the median of the per-round ratios to the base forward;
 * PROD: the sampler alone on the batch, as a share of (sampler + LoRA step).
 
 A row whose worker fails prints the worker's last error line instead. Times depend on the machine
@@ -22,6 +23,8 @@ import argparse
 import functools
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 
@@ -37,6 +40,7 @@ from ir_lora import degradations  # noqa: E402
 from ir_lora.peft import lora  # noqa: E402
 
 VARIANTS = ("nafnet-sidd-w32", "restormer")
+INFERENCE_ROUNDS = 21
 
 
 def _train_row(variant, method, args):
@@ -83,15 +87,21 @@ def _inference_row(variant, args):
     }
     out = {}
     compiled = {k: common.compile_seconds(fn, *a)[0] for k, (fn, a) in forms.items()}
-    # Interleaved repeats: each form's median over rounds, so load changes hit all forms alike.
+    # Rounds call every form once, in a shuffled order (no form always runs first or after the
+    # same neighbour); a form's ratio is the median over rounds of its time / the base's time in
+    # the same round, so load changes between rounds cancel.
     times = {k: [] for k in forms}
-    for _ in range(args.steps):
-        for k, (_, a) in forms.items():
-            times[k].append(
-                common.median_seconds(functools.partial(compiled[k], *a), steps=1, warmup=0)
-            )
+    order = list(forms)
+    shuffle = random.Random(0).shuffle
+    for _ in range(max(args.steps, INFERENCE_ROUNDS)):
+        shuffle(order)
+        for k in order:
+            fn = functools.partial(compiled[k], *forms[k][1])
+            times[k].append(common.median_seconds(fn, steps=1, warmup=1 if not times[k] else 0))
     for k in forms:
-        out[f"{k}_ms"] = 1e3 * sorted(times[k])[len(times[k]) // 2]
+        out[f"{k}_ms"] = 1e3 * statistics.median(times[k])
+        ratios = [t / b for t, b in zip(times[k], times["base"])]
+        out[f"{k}_ratio"] = statistics.median(ratios)
     return out
 
 
@@ -168,8 +178,8 @@ def print_tables(results, args):
             prod_text = f"skipped: {prod.get('skipped', 'no LoRA step')}"
         print(
             f"| {variant} | {_fmt(base)} | {_fmt(inf['unmerged_ms'])} "
-            f"({inf['unmerged_ms'] / base:.3f}) | {_fmt(inf['merged_ms'])} "
-            f"({inf['merged_ms'] / base:.3f}) | {prod_text} |"
+            f"({inf['unmerged_ratio']:.3f}) | {_fmt(inf['merged_ms'])} "
+            f"({inf['merged_ratio']:.3f}) | {prod_text} |"
         )
 
 
