@@ -11,8 +11,8 @@ process so that its peak memory is its own:
   `--steps` steps after 2 warm-up steps; images/s; compile time (lowering + XLA) separately;
 * peak RSS of the process, bytes of the optimizer state and adapter parameters;
 * inference (one process per variant): the base model, the model with unmerged LoRA adapters and
-  with the adapters merged into the kernels, in at least 21 shuffled interleaved rounds; the ratio
-  is the median of the per-round ratios to the base forward;
+  with the adapters merged into the kernels, in `--inference-rounds` shuffled interleaved rounds;
+  the ratio is the median of the per-round ratios to the base forward;
 * PROD: the sampler alone on the batch, as a share of (sampler + LoRA step).
 
 A row whose worker fails prints the worker's last error line instead. Times depend on the machine
@@ -93,7 +93,7 @@ def _inference_row(variant, args):
     times = {k: [] for k in forms}
     order = list(forms)
     shuffle = random.Random(0).shuffle
-    for _ in range(max(args.steps, INFERENCE_ROUNDS)):
+    for _ in range(max(args.steps, args.inference_rounds)):
         shuffle(order)
         for k in order:
             fn = functools.partial(compiled[k], *forms[k][1])
@@ -129,6 +129,7 @@ def _run_isolated(spec, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     cmd += ["--batch", str(args.batch), "--size", str(args.size)]
     cmd += ["--steps", str(args.steps), "--rank", str(args.rank)]
+    cmd += ["--inference-rounds", str(args.inference_rounds)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"skipped": f"worker failed: {done.stderr.strip().splitlines()[-1:]}"}
@@ -150,8 +151,8 @@ def print_tables(results, args):
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for variant, rows in results.items():
-        for method in common.METHODS:
-            r = rows.get(method, {})
+        for method in (m for m in common.METHODS if m in rows):
+            r = rows[method]
             if "skipped" in r:
                 print(f"| {variant} | {method} | skipped: {r['skipped']} ||||||")
                 continue
@@ -166,7 +167,9 @@ def print_tables(results, args):
     )
     print("|---|---:|---:|---:|---:|")
     for variant, rows in results.items():
-        inf, prod = rows.get("inference", {}), rows.get("prod", {})
+        if "inference" not in rows:
+            continue
+        inf, prod = rows["inference"], rows.get("prod", {})
         if "skipped" in inf:
             print(f"| {variant} | skipped: {inf['skipped']} ||||")
             continue
@@ -186,7 +189,13 @@ def print_tables(results, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--methods", nargs="+", default=list(common.METHODS))
+    parser.add_argument(
+        "--methods", nargs="*", default=list(common.METHODS), help="training rows (none: skip)"
+    )
+    parser.add_argument(
+        "--inference-rounds", type=int, default=INFERENCE_ROUNDS, help="at least --steps"
+    )
+    parser.add_argument("--no-inference", action="store_true", help="skip inference and PROD rows")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
@@ -203,9 +212,10 @@ def main():
         for method in args.methods:
             rows[method] = _run_isolated(("train", variant, method), args)
             print(variant, method, rows[method], flush=True)
-        rows["inference"] = _run_isolated(("inference", variant, None), args)
-        rows["prod"] = _run_isolated(("prod", variant, None), args)
-        print(variant, "inference", rows["inference"], rows["prod"], flush=True)
+        if not args.no_inference:
+            rows["inference"] = _run_isolated(("inference", variant, None), args)
+            rows["prod"] = _run_isolated(("prod", variant, None), args)
+            print(variant, "inference", rows["inference"], rows["prod"], flush=True)
     print_tables(results, args)
     if args.json:
         with open(args.json, "w") as f:
