@@ -140,10 +140,7 @@ def _conv_branch(module: nn.Conv, x, down, up, kernel_shape):
     groups = module.feature_group_count
     with intercept.bypass():
         if groups == 1 and module.mask is None:
-            rank = down.shape[-1]
-            narrow = module.clone(parent=None, name=None, features=rank, use_bias=False)
-            h = narrow.apply({"params": {"kernel": down.reshape(kernel_shape[:-1] + (rank,))}}, x)
-            h, up = promote_dtype(h, up, dtype=module.dtype)
+            h, up = promote_dtype(_narrow(module, x, down, kernel_shape), up, dtype=module.dtype)
             return _matmul_last(h, up, module.precision)
         delta = module.clone(parent=None, name=None, use_bias=False)
         return delta.apply({"params": {"kernel": delta_kernel(down, up, kernel_shape)}}, x)
@@ -176,8 +173,9 @@ def _with_merged_kernel(module, x, down, up, scale, kernel):
     params = dict(module.variables["params"])
     if uses_low_rank_backward(module, kernel.shape, down.shape[-1]):
         bias = params.pop("bias", None)
+        linear = module.clone(parent=None, name=None, use_bias=False)  # hashable: jit-static
         with intercept.bypass():
-            y = _lora_layer(_Layer(module), x, kernel, down, up, jnp.asarray(scale, kernel.dtype))
+            y = _lora_layer(linear, x, kernel, down, up, jnp.asarray(scale, kernel.dtype))
         return y if bias is None else y + bias.astype(y.dtype)
     delta = delta_kernel(down, up, kernel.shape) * scale
     params["kernel"] = (kernel + delta.astype(kernel.dtype)).astype(kernel.dtype)
@@ -185,56 +183,51 @@ def _with_merged_kernel(module, x, down, up, scale, kernel):
         return module.clone(parent=None, name=None).apply({"params": params}, x)
 
 
-class _Layer:
-    """A bound layer's bias-free linear map as hashable functions of (x, kernel) (jit-static)."""
+def _narrow(module: nn.Conv | nn.Dense, x, down, kernel_shape):
+    """`x * reshape(A)`: the layer (bound or not) with `r` outputs, kernel `A` and no bias."""
+    rank = down.shape[-1]
+    narrow = module.clone(parent=None, name=None, features=rank, use_bias=False)
+    return narrow.apply({"params": {"kernel": down.reshape(kernel_shape[:-1] + (rank,))}}, x)
 
-    def __init__(self, module: nn.Conv | nn.Dense):
-        self.module = module.clone(parent=None, name=None, use_bias=False)
 
-    def __call__(self, x, kernel):
-        return self.module.apply({"params": {"kernel": kernel}}, x)
-
-    def narrow(self, x, down, kernel_shape):
-        """`x * reshape(A)`: the layer with `r` output channels and kernel `A`."""
-        rank = down.shape[-1]
-        narrow = self.module.clone(features=rank)
-        return narrow.apply({"params": {"kernel": down.reshape(kernel_shape[:-1] + (rank,))}}, x)
-
-    def __hash__(self):
-        return hash(self.module)
-
-    def __eq__(self, other):
-        return isinstance(other, _Layer) and self.module == other.module
+def _merged(kernel, down, up, scale):
+    return kernel + (scale * delta_kernel(down, up, kernel.shape)).astype(kernel.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lora_layer(layer, x, kernel, down, up, scale):
-    """`layer(x, W0 + scale * A @ B)`, differentiated without the dense kernel gradient.
+def _lora_layer(linear, x, kernel, down, up, scale):
+    """`linear(x, W0 + scale * A @ B)`, differentiated without the dense kernel gradient.
 
-    Forward: one layer call with the merged kernel (as the default path). Backward: the input
-    gradient through the merged kernel; `dB = scale * h^T g` with `h = x * A` (r channels) and
-    `dA` the kernel gradient of the narrow layer for the cotangent `scale * g B^T`; the frozen
-    kernel's own gradient only when it is being differentiated (full fine-tuning with LoRA).
+    `linear` is the layer unbound and without bias. Forward: one call with the merged kernel (as
+    the default path). Backward: the input gradient through the merged kernel; `dB = scale *
+    h^T g` with `h = x * A` (r channels) and `dA` the kernel gradient of the narrow layer for the
+    cotangent `scale * g B^T`; the frozen kernel's own gradient only when it is being
+    differentiated (full fine-tuning with LoRA).
     """
-    return layer(x, kernel + (scale * delta_kernel(down, up, kernel.shape)).astype(kernel.dtype))
+    return linear.apply({"params": {"kernel": _merged(kernel, down, up, scale)}}, x)
 
 
-def _lora_layer_fwd(layer, x, kernel, down, up, scale):
-    values = [p.value for p in (x, kernel, down, up, scale)]
-    y = _lora_layer(layer, *values)
-    return y, (*values, kernel.perturbed, x.perturbed)
+def _lora_layer_fwd(linear, x, kernel, down, up, scale):
+    x_, kernel_, down_, up_, scale_ = (p.value for p in (x, kernel, down, up, scale))
+    merged = _merged(kernel_, down_, up_, scale_)
+    y = linear.apply({"params": {"kernel": merged}}, x_)
+    return y, (x_, merged, down_, up_, scale_, kernel.perturbed, x.perturbed)
 
 
-def _lora_layer_bwd(layer, residuals, g):
-    x, kernel, down, up, scale, kernel_perturbed, x_perturbed = residuals
-    merged = kernel + (scale * delta_kernel(down, up, kernel.shape)).astype(kernel.dtype)
-    dx = jax.vjp(lambda x: layer(x, merged), x)[1](g)[0] if x_perturbed else None
-    h, narrow_vjp = jax.vjp(lambda a: layer.narrow(x, a, kernel.shape), down)
+def _lora_layer_bwd(linear, residuals, g):
+    x, merged, down, up, scale, kernel_perturbed, x_perturbed = residuals
+
+    def apply(x, kernel):
+        return linear.apply({"params": {"kernel": kernel}}, x)
+
+    dx = jax.vjp(lambda x: apply(x, merged), x)[1](g)[0] if x_perturbed else None
+    h, narrow_vjp = jax.vjp(lambda a: _narrow(linear, x, a, merged.shape), down)
     h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
     d_up = scale * jnp.dot(h2.T, g2, precision=jax.lax.Precision.HIGHEST)
     g_narrow = scale * jnp.dot(g2, up.T, precision=jax.lax.Precision.HIGHEST)
     (d_down,) = narrow_vjp(g_narrow.reshape(h.shape).astype(h.dtype))
-    d_kernel = jax.vjp(lambda k: layer(x, k), merged)[1](g)[0] if kernel_perturbed else None
+    # The layer is linear in its kernel, so W0's gradient is the merged kernel's.
+    d_kernel = jax.vjp(lambda k: apply(x, k), merged)[1](g)[0] if kernel_perturbed else None
     d_scale = None  # the scale is a constant of the config
     return dx, d_kernel, d_down, d_up.astype(up.dtype), d_scale
 
