@@ -215,9 +215,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _write_text(os.path.join(workdir, "parameters.md"), report.to_markdown() + "\n")
 
     data_iterator = train_iterator(config, workdir)
-    # A second iterator (same seed) supplies the fixed image-summary crops without moving the
-    # training iterator, whose position is checkpointed.
-    samples = next(train_iterator(config, workdir))
+    # The fixed image-summary crops are the first batch; rewinding keeps the training
+    # iterator's (checkpointed) position where it was.
+    start = data_iterator.get_state()
+    samples = next(data_iterator)
+    data_iterator.set_state(start)
     state, frozen = trainer.train(
         config,
         workdir,
