@@ -14,6 +14,7 @@ Weights are random (drawn with numpy from the parameter shapes: no XLA compilati
 initialisers), scaled like a trained network so no value underflows to denormals.
 """
 
+import contextlib
 import dataclasses
 import math
 import resource
@@ -210,6 +211,17 @@ def make_step(setup: Setup, *, num_train_steps: int = 1000, degrade_fn=None):
         donate_argnums=(0,),
     )
     return step, state, frozen
+
+
+@contextlib.contextmanager
+def low_rank_backward_ratio(ratio: float):
+    """`lora.LOW_RANK_BACKWARD_RATIO` set to `ratio` inside (it is read when a step is traced):
+    0 gives every eligible layer the low-rank backward, inf none."""
+    previous, lora.LOW_RANK_BACKWARD_RATIO = lora.LOW_RANK_BACKWARD_RATIO, ratio
+    try:
+        yield
+    finally:
+        lora.LOW_RANK_BACKWARD_RATIO = previous
 
 
 def tree_bytes(tree) -> int:

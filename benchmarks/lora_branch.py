@@ -32,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from ir_lora.models import layers  # noqa: E402
 from ir_lora.peft import intercept, lora  # noqa: E402
 
@@ -74,11 +75,8 @@ def _row(layer, x, rank, repeats):
 
     def traced_with(ratio):
         def fn(factors, x):
-            previous, lora.LOW_RANK_BACKWARD_RATIO = lora.LOW_RANK_BACKWARD_RATIO, ratio
-            try:
+            with common.low_rank_backward_ratio(ratio):
                 return adapted_loss(factors, x)
-            finally:
-                lora.LOW_RANK_BACKWARD_RATIO = previous
 
         return fn
 

@@ -50,12 +50,8 @@ def _compiled_step(args, method_name, ratio, bias_norm, batch):
         args.variant, method_name, sample, rank=args.rank, overrides=overrides, bias_norm=bias_norm
     )
     step, state, frozen = common.make_step(setup)
-    previous = lora.LOW_RANK_BACKWARD_RATIO
-    lora.LOW_RANK_BACKWARD_RATIO = previous if ratio is None else ratio
-    try:  # the ratio is read while tracing
+    with common.low_rank_backward_ratio(lora.LOW_RANK_BACKWARD_RATIO if ratio is None else ratio):
         compiled, seconds = common.compile_seconds(step, state, frozen, batch)
-    finally:
-        lora.LOW_RANK_BACKWARD_RATIO = previous
     return compiled, state, frozen, seconds
 
 
