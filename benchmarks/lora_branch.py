@@ -8,8 +8,8 @@ Each row times `jax.grad` w.r.t. the LoRA factors and the input (as inside a net
 * frozen: the base layer alone, gradient w.r.t. x only (what the layer costs when frozen);
 * branch: the explicit low-rank branch `layer(x) + scale * lora.branch(...)`;
 * merged: one layer call with `W0 + scale * A @ B`, autodiff through the dense kernel gradient;
-* low-rank bwd: the same forward with `lora`'s custom backward (rank-r products only; grouped
-  convs have none and run "merged").
+* low-rank bwd: the same forward with `lora`'s custom backward (rank-r products only; only 1x1
+  and Dense layers have it, the others run "merged").
 
 `ir_lora.peft.lora` takes "merged" or "low-rank bwd" per layer (`uses_low_rank_backward`, the
 last column). Layers: the 1x1 convs of NAFNet-w32's stages at batch 4 of 128x128 (widths 32 to
