@@ -5,7 +5,8 @@ The logits pick the low-rank experts (`mixlora.route`) and the embedding conditi
 
 * `DegradationEncoder` (default; needs no outside weights): a small CNN trained here on
   PROD-degraded images to say which degradations are present, a multi-label problem on PROD's
-  `present` labels `(B, K)` (sigmoid binary cross-entropy). Train it with `train_step`.
+  `present` labels `(B, K)` (sigmoid binary cross-entropy). It trains through the one train
+  step (`ir_lora.train_lib`) with `multilabel_objective`.
 * `MultiViewRouter`: LoRA-IR's DG-Router around a frozen image encoder that the user supplies,
   `encode(images) -> (M, D_enc)` (LoRA-IR: CLIP ViT-L/14-336's projected image embedding, 768-d;
   its weights are not shipped here). High-resolution multi-view pooling: the whole image resized
@@ -14,10 +15,11 @@ The logits pick the low-rank experts (`mixlora.route`) and the embedding conditi
   `Dense(768) -> GELU -> Dense(384) -> GELU` gives the embedding and `Dense(K)` the logits.
   Only the MLP and the head train (LoRA-IR: cross-entropy over 3 weather classes, Adam 2e-4).
 
-Both are trained once and then frozen while the experts train.
+Both are trained once and then frozen while the experts train. LoRA-IR
+(`ir_lora.methods.lora_ir`) routes its experts with them; UIR-LoRA (`ir_lora.methods.uir_lora`)
+embeds images with a `DegradationEncoder` for its prototypes.
 """
 
-import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from ir_lora import train_lib
 from ir_lora.models import layers
 
 # CLIP's image normalisation, for `encode` callables that wrap a CLIP tower.
@@ -174,35 +177,35 @@ def router_metrics(logits: jax.Array, labels: jax.Array, *, multi_label: bool = 
     return {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
-def train_step(
-    params,
-    opt_state,
-    images: jax.Array,
-    labels: jax.Array,
-    *,
-    model: nn.Module,
-    optimizer: optax.GradientTransformation,
-    multi_label: bool = True,
-):
-    """One optimiser step on a router's `params`; pure, so it can be jitted.
+def multilabel_objective(labels_of: Callable[[dict], jax.Array]):
+    """A `train_lib.Method` objective for a router: `router_metrics` of its logits against the
+    multi-hot labels `labels_of(targets)` (e.g. PROD's `present`), the loss separated out."""
 
-    `model.apply({"params": params}, images)` must return `(embedding, logits)`. Use
-    `jax.jit(functools.partial(train_step, model=m, optimizer=tx))`.
+    def objective(prediction, targets):
+        _, logits = prediction
+        metrics = router_metrics(logits, labels_of(targets))
+        return metrics.pop("loss"), metrics
 
-    Returns:
-      `(params, opt_state, metrics)` with the metrics of `router_metrics` before the update.
-    """
-
-    def loss_fn(p):
-        _, logits = model.apply({"params": p}, images)
-        metrics = router_metrics(logits, labels, multi_label=multi_label)
-        return metrics["loss"], metrics
-
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    return objective
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, **kwargs):
-    """`train_step` bound to a model and optimiser, jitted."""
-    return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, **kwargs))
+def router_method(
+    model: nn.Module, sample_shape, labels_of, *, degrade_fn=None
+) -> train_lib.Method:
+    """The router as a `train_lib.Method`: every router param trains (a registered frozen
+    encoder is a closure, not a param), scored by `multilabel_objective(labels_of)`; with
+    `degrade_fn` (e.g. PROD, whose labels the objective reads) in the step."""
+
+    def init_fn(rng):
+        return model.init(rng, jnp.zeros(tuple(sample_shape), jnp.float32))["params"], {}
+
+    def apply_fn(trainable, frozen, images):
+        del frozen
+        return model.apply({"params": trainable}, images)
+
+    return train_lib.Method(
+        init_fn=init_fn,
+        apply_fn=apply_fn,
+        degrade_fn=degrade_fn,
+        objective=multilabel_objective(labels_of),
+    )

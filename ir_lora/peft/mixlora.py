@@ -5,8 +5,9 @@ One frozen layer `W0` carries E low-rank experts, and each sample n has its own 
     y_n = f(x_n; W0) + b + scale * sum_e w[n, e] f(x_n; dW_e),   dW_e = reshape(A_e @ B_e, W0.shape)
 
 `A` is `(E, k_in, r)` with `k_in = kh*kw*Cin/g` (the rows run over `(kh, kw, Cin/g)` in C order) and
-`B` is `(E, r, Cout)`, the same convention as `ir_lora.peft.lora` (HWIO kernels; Dense kernels are
-`(Cin, Cout)`, i.e. `kh = kw = 1`). `B` starts at zero, so every expert starts as a no-op.
+`B` is `(E, r, Cout)`: E factors of `ir_lora.peft.lora` stacked on a leading axis (HWIO kernels;
+Dense kernels are `(Cin, Cout)`, i.e. `kh = kw = 1`), with its shapes, initialisation and delta
+kernel. `B` starts at zero, so every expert starts as a no-op.
 
 LoRA-IR (`loralib.ConvMixLoRA`) adapts every conv of its NAFNet with E=3 experts, r=8, alpha=16
 (`scale = alpha / r = 2`) and hard top-1 routing from a frozen degradation classifier. Note that
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ir_lora.models import layers
+from ir_lora.peft import lora
 
 HIGHEST = lax.Precision.HIGHEST
 ROUTE_MODES = ("soft", "topk", "top1")
@@ -43,10 +45,8 @@ PATHS = ("branches", "merged")
 
 def factor_shapes(kernel_shape: Sequence[int], *, rank: int, num_experts: int):
     """`((E, k_in, r), (E, r, Cout))` for a Dense `(Cin, Cout)` or HWIO conv kernel shape."""
-    k_in = 1
-    for size in kernel_shape[:-1]:
-        k_in *= int(size)
-    return (num_experts, k_in, rank), (num_experts, rank, int(kernel_shape[-1]))
+    down, up = lora.factor_shapes(tuple(int(s) for s in kernel_shape), rank)
+    return (num_experts, *down), (num_experts, *up)
 
 
 def init_factors(
@@ -59,16 +59,13 @@ def init_factors(
 ) -> dict[str, jax.Array]:
     """`{"down": A, "up": B}`: A ~ U(+-1/sqrt(k_in)) (kaiming-uniform, a=sqrt 5), B = 0."""
     down_shape, up_shape = factor_shapes(kernel_shape, rank=rank, num_experts=num_experts)
-    bound = 1.0 / jnp.sqrt(down_shape[1])
-    down = jax.random.uniform(key, down_shape, dtype, -bound, bound)
-    return {"down": down, "up": jnp.zeros(up_shape, dtype)}
+    return {"down": lora.init_down(key, down_shape, dtype), "up": jnp.zeros(up_shape, dtype)}
 
 
 def delta_kernels(down: jax.Array, up: jax.Array, kernel_shape: Sequence[int]) -> jax.Array:
     """The experts' kernels `(E, *kernel_shape)`, `dW_e = reshape(A_e @ B_e, kernel_shape)`."""
     _check_factors(down, up, kernel_shape)
-    delta = jnp.matmul(down, up, precision=HIGHEST)
-    return delta.reshape((down.shape[0], *kernel_shape))
+    return jax.vmap(lambda a, b: lora.delta_kernel(a, b, tuple(kernel_shape)))(down, up)
 
 
 def _check_factors(down, up, kernel_shape) -> None:
@@ -233,8 +230,7 @@ def conv_kwargs(module) -> dict[str, Any]:
 
 def _matmul_last(x: jax.Array, w: jax.Array) -> jax.Array:
     # 2-D matmul: XLA:CPU differentiates it 3-5x faster than an N-D dot (STACK.md).
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), w, precision=HIGHEST)
-    return y.reshape((*x.shape[:-1], w.shape[-1]))
+    return lora.matmul_last(x, w, HIGHEST)
 
 
 def conv_mixture_delta(

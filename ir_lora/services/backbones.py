@@ -15,9 +15,12 @@ import orbax.checkpoint as ocp
 from ir_lora import models
 
 EXPORT_DIR = os.path.join("export", "params")
+# Methods whose adapters cannot be merged (AdaptIR, mixtures of experts) export every collection.
+EXPORT_VARIABLES_DIR = os.path.join("export", "variables")
 
 
 def build_model(config):
+    """The backbone module of `config.model` (`variant` and its constructor `overrides`)."""
     return models.build(config.model.variant, **dict(config.model.get("overrides", {})))
 
 
@@ -64,13 +67,18 @@ def load_params(config, path: str) -> tuple[Any, str]:
     return jax.device_get(params), directory
 
 
-def load_backbone(config) -> tuple[Any, str]:
-    """The pre-trained backbone named by `config.init` (exactly one of checkpoint / torch)."""
+def backbone_source(config) -> str:
+    """The one pre-trained backbone `config.init` names: its checkpoint or its `.pth` path."""
     checkpoint, torch_path = config.init.get("checkpoint", ""), config.init.get("torch", "")
     if bool(checkpoint) == bool(torch_path):
         raise ValueError(
-            "stage='finetune' needs exactly one of config.init.checkpoint (exported params or a "
-            f"workdir) and config.init.torch (a .pth file); got checkpoint={checkpoint!r}, "
-            f"torch={torch_path!r}"
+            f"stage={config.get('stage')!r} needs exactly one of config.init.checkpoint "
+            "(exported params or a workdir) and config.init.torch (a .pth file); got "
+            f"checkpoint={checkpoint!r}, torch={torch_path!r}"
         )
-    return load_params(config, checkpoint or torch_path)
+    return checkpoint or torch_path
+
+
+def load_backbone(config) -> tuple[Any, str]:
+    """The pre-trained backbone named by `config.init` (exactly one of checkpoint / torch)."""
+    return load_params(config, backbone_source(config))

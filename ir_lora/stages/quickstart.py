@@ -1,8 +1,9 @@
-"""The offline quickstart (configs/quickstart.py): pre-train, fine-tune on haze, compare.
+"""The `quickstart` stage (configs/quickstart.py): pre-train, fine-tune on haze, compare.
 
-Everything runs through the same code as `train.py` with the `pretrain` and `finetune` configs:
-this module only writes the data folders, chains the two runs, and evaluates the pre-trained model
-on the held-out hazy photographs for the comparison table.
+Everything runs through the same code as `train.py` with the `pretrain` and `finetune` configs
+(`ir_lora.stages.training`): this module only writes the data folders (`ir_lora.data.synthetic`),
+chains the two runs, and evaluates the pre-trained model on the held-out hazy photographs for the
+comparison table. `evaluate` (eval.py) re-scores a finished quickstart workdir.
 """
 
 import logging
@@ -11,28 +12,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from ir_lora import degradations, runner
-from ir_lora.data import samples
-
-
-def _save(path: str, pixels: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(pixels).save(path)
-
-
-def _to_uint8(x) -> np.ndarray:
-    return np.asarray(jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0), np.uint8)
-
-
-def _shrink(pixels: np.ndarray, max_side: int) -> np.ndarray:
-    img = Image.fromarray(pixels)
-    if max(img.size) > max_side:
-        scale = max_side / max(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img = img.resize(size, Image.Resampling.BICUBIC)
-    return np.asarray(img)
+from ir_lora import degradations, models, services
+from ir_lora.data import synthetic
+from ir_lora.stages import training
 
 
 def _hazy(key, clean: np.ndarray, ranges) -> np.ndarray:
@@ -47,45 +30,26 @@ def _hazy(key, clean: np.ndarray, ranges) -> np.ndarray:
         airlight=draw(keys[2], ranges["airlight"]),
         depth_mix=draw(keys[3], ranges["depth_mix"]),
     )
-    return _to_uint8(out)
+    return synthetic.to_uint8(out)
 
 
 def write_data(config, root: str) -> dict[str, str]:
-    """Clean training photographs, 16 haze training pairs and held-out haze pairs under `root`.
+    """Clean training photographs, `num_pairs` haze training pairs and held-out haze pairs.
 
     Returns:
       `{"clean": folder, "haze": folder}` for the `images` and `paired` dataset kinds.
     """
-    photos = {n: _shrink(p, config.photos_max_side) for n, p in samples.sample_photos()}
-    held_out = set(config.eval_photos)
-    unknown = held_out - set(photos)
-    if unknown:
-        raise ValueError(f"eval_photos {sorted(unknown)} are not sample photographs {list(photos)}")
-    train = {n: p for n, p in photos.items() if n not in held_out}
+    train, held_out = synthetic.photos(config.photos_max_side, tuple(config.eval_photos))
     clean_dir, haze_dir = os.path.join(root, "clean"), os.path.join(root, "haze")
-    for name, pixels in train.items():
-        _save(os.path.join(clean_dir, f"{name}.png"), pixels)
-
+    synthetic.write_clean(clean_dir, train)
     rng = np.random.default_rng(config.seed)
     key = jax.random.key(config.seed)
-    names = sorted(train)
-    size = config.pair_size
-    for i in range(config.num_pairs):
-        pixels = train[names[i % len(names)]]
-        top = rng.integers(0, pixels.shape[0] - size + 1)
-        left = rng.integers(0, pixels.shape[1] - size + 1)
-        crop = np.ascontiguousarray(pixels[top : top + size, left : left + size])
-        name = f"pair{i:02d}.png"
-        _save(os.path.join(haze_dir, "train", "gt", name), crop)
-        _save(
-            os.path.join(haze_dir, "train", "lq", name),
-            _hazy(jax.random.fold_in(key, i), crop, config.haze),
-        )
+    for i, crop in synthetic.random_crops(train, config.num_pairs, config.pair_size, rng):
+        hazy = _hazy(jax.random.fold_in(key, i), crop, config.haze)
+        synthetic.write_pair(haze_dir, "train", synthetic.pair_name(i), crop, hazy)
     for j, name in enumerate(sorted(held_out)):
-        pixels = photos[name]
-        hazy = _hazy(jax.random.fold_in(key, 1000 + j), pixels, config.haze)
-        _save(os.path.join(haze_dir, "val", "gt", f"{name}.png"), pixels)
-        _save(os.path.join(haze_dir, "val", "lq", f"{name}.png"), hazy)
+        hazy = _hazy(jax.random.fold_in(key, 1000 + j), held_out[name], config.haze)
+        synthetic.write_pair(haze_dir, "val", f"{name}.png", held_out[name], hazy)
     return {"clean": clean_dir, "haze": haze_dir}
 
 
@@ -155,43 +119,63 @@ def summary(
     )
 
 
-def run(config, workdir: str) -> str:
-    """Runs the whole quickstart in `workdir` and returns the summary table (also printed)."""
+def stage_configs(config, workdir: str):
+    """The pre-training and fine-tuning configs pointed at `workdir`'s data and runs."""
     workdir = os.path.abspath(workdir)
-    folders = write_data(config, os.path.join(workdir, "data"))
-
-    tfds_dir = os.path.join(workdir, "tfds")
+    data, tfds_dir = os.path.join(workdir, "data"), os.path.join(workdir, "tfds")
     pretrain = config.pretrain
     with pretrain.unlocked():
-        pretrain.data.source_dir = folders["clean"]
+        pretrain.data.source_dir = os.path.join(data, "clean")
         pretrain.data.data_dir = tfds_dir
-    logging.info("Quickstart 1/3: PROD pre-training")
-    runner.train_and_evaluate(pretrain, os.path.join(workdir, "pretrain"))
-
     finetune = config.finetune
     with finetune.unlocked():
         finetune.init.checkpoint = os.path.join(workdir, "pretrain")
-        finetune.data.source_dir = folders["haze"]
+        finetune.data.source_dir = os.path.join(data, "haze")
         finetune.data.data_dir = tfds_dir
-        finetune.eval.datasets.haze.source_dir = folders["haze"]
-    logging.info("Quickstart 2/3: %s fine-tuning on haze", finetune.method)
-    tuned = runner.train_and_evaluate(finetune, os.path.join(workdir, "finetune"))
+        finetune.eval.datasets.haze.source_dir = os.path.join(data, "haze")
+    return pretrain, finetune
 
-    logging.info("Quickstart 3/3: the pre-trained model on the same held-out images")
-    pretrained = runner.evaluate(
+
+def _pretrained_results(finetune, workdir: str) -> dict:
+    return training.evaluate(
         finetune,
         checkpoint=os.path.join(workdir, "pretrain"),
         out_dir=os.path.join(workdir, "pretrain", "eval_haze"),
     )
+
+
+def _finish(config, workdir: str, pretrained: dict, tuned: dict, report) -> str:
     text = summary(
-        pretrained,
-        tuned["eval"],
-        tuned["report"],
-        method=finetune.method,
-        num_pairs=config.num_pairs,
+        pretrained, tuned, report, method=config.finetune.method, num_pairs=config.num_pairs
     )
     with open(os.path.join(workdir, "quickstart.md"), "w") as f:
         f.write(text + "\n")
     print(text)
     print(f"\nPer-image tables and comparison grids: {workdir}/finetune/eval")
     return text
+
+
+def run(config, workdir: str) -> str:
+    """Runs the whole quickstart in `workdir` and returns the summary table (also printed)."""
+    workdir = os.path.abspath(workdir)
+    write_data(config, os.path.join(workdir, "data"))
+    pretrain, finetune = stage_configs(config, workdir)
+    logging.info("Quickstart 1/3: PROD pre-training")
+    training.train_and_evaluate(pretrain, os.path.join(workdir, "pretrain"))
+    logging.info("Quickstart 2/3: %s fine-tuning on haze", finetune.method)
+    tuned = training.train_and_evaluate(finetune, os.path.join(workdir, "finetune"))
+    logging.info("Quickstart 3/3: the pre-trained model on the same held-out images")
+    pretrained = _pretrained_results(finetune, workdir)
+    return _finish(config, workdir, pretrained, tuned["eval"], tuned["report"])
+
+
+def evaluate(config, *, workdir=None, checkpoint=None, datasets=None, out_dir=None) -> str:
+    """Re-scores a finished quickstart `workdir` (eval.py): the same table, from checkpoints."""
+    if not workdir or checkpoint or datasets or out_dir:
+        raise ValueError("stage 'quickstart' is evaluated from its --workdir only")
+    workdir = os.path.abspath(workdir)
+    _, finetune = stage_configs(config, workdir)
+    tuned = training.evaluate(finetune, workdir=os.path.join(workdir, "finetune"))
+    shapes = models.param_shapes(finetune.model.variant, **dict(finetune.model.overrides))
+    report = services.build_adaptation(finetune, services.build_model(finetune)).report(shapes)
+    return _finish(config, workdir, _pretrained_results(finetune, workdir), tuned, report)

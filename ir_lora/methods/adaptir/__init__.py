@@ -1,6 +1,6 @@
 """AdaptIR beside every feed-forward path of the backbone (config section `adaptir`).
 
-The adapter (`ir_lora.adapters.adaptir.AdaptIR`) reads the feed-forward input (the block's
+The adapter (`adapter.AdaptIR`) reads the feed-forward input (the block's
 second-norm output) and its output is added to the feed-forward output, as in the official
 `x + FFN(LN2(x)) + AdaptIR(LN2(x))`:
 
@@ -21,15 +21,34 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import linen as nn
 
-from ir_lora.adapters import adaptir as adaptir_lib
+from ir_lora.methods.adaptir.adapter import AdaptIR, param_count
 from ir_lora.methods.base import MethodSpec, Parts, init_or_given
 from ir_lora.models import NAFBlock
 from ir_lora.models.restormer import FeedForward
 from ir_lora.peft import intercept, partition
 
 COLLECTION = "adaptir"
+
+__all__ = ["COLLECTION", "SPEC", "AdaptIR", "default_config", "hidden_width", "param_count"]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `adaptir` section: hidden width `hidden` (0: `max(min_hidden, round(width *
+    hidden_ratio))` per block, ratio 1/24 as the official IPT adapter), `rank` (0: hidden // 2),
+    channel-gate `reduction`, `norm` ("layer" or "none")."""
+    return ml_collections.ConfigDict(
+        {
+            "hidden": 0,
+            "hidden_ratio": 1 / 24,
+            "min_hidden": 2,
+            "rank": 0,
+            "reduction": 4,
+            "norm": "layer",
+        }
+    )
 
 
 def hidden_width(features: int, section) -> int:
@@ -42,8 +61,8 @@ def hidden_width(features: int, section) -> int:
     return max(int(section.min_hidden), round(features * ratio))
 
 
-def _adapter(section, features: int) -> adaptir_lib.AdaptIR:
-    return adaptir_lib.AdaptIR(
+def _adapter(section, features: int) -> AdaptIR:
+    return AdaptIR(
         features=features,
         hidden=hidden_width(features, section),
         rank=int(section.rank) or None,
@@ -115,4 +134,4 @@ def parts(config, model: nn.Module, sample) -> Parts:
     )
 
 
-SPEC = MethodSpec(parts=parts)
+SPEC = MethodSpec(parts=parts, sections={"adaptir": default_config})

@@ -16,8 +16,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ir_lora.colora.contributions import LayerScores
-from ir_lora.colora.ranks import RankAllocation
+from ir_lora.methods.colora.contributions import LayerScores
+from ir_lora.methods.colora.ranks import RankAllocation
 
 RANKS_FORMAT = "ir_lora.colora.ranks/1"
 CONTRIBUTIONS_FORMAT = "ir_lora.colora.contributions/1"

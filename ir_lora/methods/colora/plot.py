@@ -16,8 +16,8 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from ir_lora.colora.contributions import LayerScores  # noqa: E402
-from ir_lora.colora.ranks import RankAllocation  # noqa: E402
+from ir_lora.methods.colora.contributions import LayerScores  # noqa: E402
+from ir_lora.methods.colora.ranks import RankAllocation  # noqa: E402
 
 STAGE_COLOURS: Mapping[str, str] = {
     "encoder": "tab:blue",

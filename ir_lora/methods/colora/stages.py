@@ -1,7 +1,7 @@
-"""CoLoRA from a config: contributions of each layer to a task, ranks, charts, files.
+"""CoLoRA's stages: contributions of each layer to a task, ranks, charts, files; the fine-tune.
 
-`compute(config, workdir)` runs what the `contributions` stage of `train.py` runs, and what a
-`method=colora` fine-tune runs first when `config.colora.ranks` is empty:
+`contributions(config, workdir)` is the `colora_contributions` stage of `train.py`, and what the
+`colora` stage (`finetune`) runs first when `config.colora.ranks` is empty:
 
 1. load the pre-trained backbone (`config.init`) and draw `colora.num_batches` training batches
    of the task (`config.data`, the same crops and augmentation as training);
@@ -13,6 +13,9 @@
 4. files in `out_dir`: `contributions.json`, `ranks.json` (what `method=colora` reads),
    `ranks.txt` (the per-layer table, also logged), `contributions.png` (one bar per block,
    coloured encoder / middle / decoder) and `ranks.png` (one bar per layer).
+
+The `colora` stage then fine-tunes `method = colora` with those ranks, exactly as the `finetune`
+stage (`ir_lora.stages.training`); evaluating it reads the ranks the run computed.
 """
 
 import logging
@@ -25,9 +28,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ir_lora import models, runner, trainer
-from ir_lora.colora import contributions, files, plot, ranks
+from ir_lora import models, services, trainer
+from ir_lora.methods import full
+from ir_lora.methods.colora import contributions as contributions_lib
+from ir_lora.methods.colora import files, plot, ranks
 from ir_lora.peft import partition
+from ir_lora.stages import training
 
 CONTRIBUTIONS = ("faig", "grad_norm")
 RANKS_FILE = "ranks.json"
@@ -46,7 +52,7 @@ def _check(section) -> None:
 
 def training_batches(config, workdir: str, num_batches: int) -> dict[str, np.ndarray]:
     """`num_batches` training batches stacked to `(num_batches, batch_size, H, W, C)` leaves."""
-    iterator = runner.train_iterator(config, workdir)
+    iterator = services.train_iterator(config, workdir)
     drawn = [next(iterator) for _ in range(num_batches)]
     return {key: np.stack([batch[key] for batch in drawn]) for key in ("lq", "gt")}
 
@@ -65,20 +71,20 @@ def probe_finetune(
     with probe.unlocked():
         probe.stage = "finetune"
         probe.method = "full"
-        probe.full.train_only = ()
+        probe.full = full.default_config()
         probe.num_train_steps = int(section.probe_steps)
         probe.checkpoint_every_steps = int(section.probe_steps)
         probe.log_every_steps = max(1, min(int(config.log_every_steps), int(section.probe_steps)))
         probe.optimizer.lr = float(section.probe_lr)
         warmup = int(config.optimizer.warmup_steps)
         probe.optimizer.warmup_steps = min(warmup, int(section.probe_steps) // 10)
-    model = runner.build_model(probe)
-    adaptation = runner.build_adaptation(probe, model)
+    model = services.build_model(probe)
+    adaptation = services.build_adaptation(probe, model)
     state, frozen = trainer.train(
         probe,
         probe_dir,
         method=adaptation.method,
-        data_iterator=runner.train_iterator(probe, workdir),
+        data_iterator=services.train_iterator(probe, workdir),
         init_args=(backbone,),
         backbone_path=backbone_path,
     )
@@ -91,13 +97,13 @@ def measure(config, workdir: str, model, backbone, backbone_path: str, out_dir: 
     """Per-parameter contributions (`faig` or `grad_norm` output) for `config.colora`."""
     section = config.colora
     batches = training_batches(config, workdir, int(section.num_batches))
-    loss_fn = contributions.sum_squared_error(lambda p, x: model.apply({"params": p}, x))
+    loss_fn = contributions_lib.sum_squared_error(lambda p, x: model.apply({"params": p}, x))
     batches = jax.tree.map(jnp.asarray, batches)
     if section.contribution == "grad_norm":
-        return contributions.grad_norm(loss_fn, backbone, batches, rms=True)
+        return contributions_lib.grad_norm(loss_fn, backbone, batches, rms=True)
     probe_dir = os.path.join(out_dir, "probe")
     tuned = probe_finetune(config, probe_dir, backbone, backbone_path, workdir=workdir)
-    return contributions.faig(
+    return contributions_lib.faig(
         loss_fn,
         backbone,
         tuned,
@@ -107,7 +113,9 @@ def measure(config, workdir: str, model, backbone, backbone_path: str, out_dir: 
     )
 
 
-def compute(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None) -> dict:
+def contributions(
+    config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None
+) -> dict:
     """Contributions, ranks, charts and files for `config` (see the module docstring).
 
     Args:
@@ -122,13 +130,14 @@ def compute(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None
     _check(section)
     workdir = os.path.abspath(workdir)
     out_dir = os.path.abspath(out_dir or workdir)
-    model = runner.build_model(config)
-    backbone, backbone_path = runner.load_backbone(config)
+    os.makedirs(out_dir, exist_ok=True)
+    model = services.build_model(config)
+    backbone, backbone_path = services.load_backbone(config)
     overrides = dict(config.model.get("overrides", {}))
     shapes = models.param_shapes(config.model.variant, **overrides)
 
     ig = measure(config, workdir, model, backbone, backbone_path, out_dir)
-    scores = contributions.layer_scores(ig, reduce=section.reduce, filter=section.filter)
+    scores = contributions_lib.layer_scores(ig, reduce=section.reduce, filter=section.filter)
     allocation = ranks.allocate_ranks(
         scores.layers,
         shapes,
@@ -180,7 +189,7 @@ def compute(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None
     return {"scores": scores, "allocation": allocation, "files": out}
 
 
-def format_scores(scores: contributions.LayerScores, order=None) -> str:
+def format_scores(scores: contributions_lib.LayerScores, order=None) -> str:
     """Per-stage, per-group and per-block contributions as a text table, blocks in forward order."""
     lines = ["stage     contribution"]
     lines += [f"{name:<9} {value:.3e}" for name, value in scores.stages.items()]
@@ -197,13 +206,13 @@ def format_scores(scores: contributions.LayerScores, order=None) -> str:
 
 
 def with_ranks(config: ml_collections.ConfigDict, workdir: str, *, compute_missing: bool):
-    """`config` with `colora.ranks` filled in for a `method=colora` run without a ranks file.
+    """`config` with `colora.ranks` filled in for a run without a ranks file.
 
     Uses `<workdir>/colora/ranks.json` when an earlier (possibly interrupted) run of the same
-    workdir wrote it; otherwise computes it there with `compute` if `compute_missing`. Configs of
-    other methods, or with `colora.ranks` given, come back unchanged.
+    workdir wrote it; otherwise computes it there with `contributions` if `compute_missing`.
+    A config with `colora.ranks` given comes back unchanged.
     """
-    if config.method != "colora" or config.colora.get("ranks", ""):
+    if config.colora.get("ranks", ""):
         return config
     path = os.path.join(os.path.abspath(workdir), SUBDIR, RANKS_FILE)
     if not os.path.isfile(path):
@@ -213,8 +222,21 @@ def with_ranks(config: ml_collections.ConfigDict, workdir: str, *, compute_missi
                 "the run was trained with"
             )
         logging.info("config.colora.ranks is empty: computing contributions and ranks first")
-        compute(config, workdir, os.path.dirname(path))
+        contributions(config, workdir, os.path.dirname(path))
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.colora.ranks = path
     return config
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """The `colora` stage: ranks first when `colora.ranks` is empty, then the fine-tune."""
+    training.check_finetune_init(config)
+    return training.train_and_evaluate(with_ranks(config, workdir, compute_missing=True), workdir)
+
+
+def evaluate(config: ml_collections.ConfigDict, *, workdir=None, checkpoint=None, **kwargs):
+    """`eval.py` for the `colora` stage: the run's own ranks, then `training.evaluate`."""
+    if workdir:
+        config = with_ranks(config, workdir, compute_missing=False)
+    return training.evaluate(config, workdir=workdir, checkpoint=checkpoint, **kwargs)

@@ -6,6 +6,7 @@ checkpoints). `DECODER_ONLY` is the paper's "Only Deconv"-style baseline for NAF
 Every pattern must match some parameter, so a typo fails loudly instead of freezing everything.
 """
 
+import ml_collections
 from flax import linen as nn
 
 from ir_lora.methods.base import MethodSpec, Parts, init_or_given
@@ -17,6 +18,14 @@ DECODER_ONLY = (
     r"params/(ups_\d+|decoders_\d+|ending"
     r"|up\d+_\d+|reduce_chan_level\d+|decoder_level\d+|refinement|output)/.*",
 )
+
+
+__all__ = ["DECODER_ONLY", "SPEC", "default_config", "parts", "rules"]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `full` section: `train_only`, regexes over "params/..." paths (empty: everything)."""
+    return ml_collections.ConfigDict({"train_only": ()})
 
 
 def rules(train_only=()) -> tuple[tuple[str, str], ...]:
@@ -34,7 +43,7 @@ def parts(config, model: nn.Module, sample) -> Parts:
         return model.apply(partition.combine(trainable, frozen), images)
 
     return Parts(
-        rules=rules(tuple(config.get("full", {}).get("train_only", ()) or ())),
+        rules=rules(tuple(config.full.train_only)),
         variables_fn=variables_fn,
         apply_fn=apply_fn,
         merge_fn=lambda variables: variables["params"],
@@ -46,4 +55,4 @@ def trains_backbone(config) -> bool:
     return True
 
 
-SPEC = MethodSpec(parts=parts, trains_backbone=trains_backbone)
+SPEC = MethodSpec(parts=parts, sections={"full": default_config}, trains_backbone=trains_backbone)

@@ -1,6 +1,7 @@
 """LoRA on the backbone's convs (config section `lora`); the rest frozen, biases/norms optional."""
 
 import jax
+import ml_collections
 from flax import linen as nn
 
 from ir_lora.methods.base import MethodSpec, Parts, init_or_given
@@ -9,6 +10,29 @@ from ir_lora.peft import partition
 
 # Every conv and dense layer; norm layers (leaf modules without kernels) are excluded by name.
 DEFAULT_EXCLUDE = r"(.*/)?norm[^/]*"
+
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "SPEC",
+    "default_config",
+    "lora_config",
+    "parts",
+    "parts_for",
+    "rules",
+]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `lora` section.
+
+    `rank` and `alpha` (0: alpha equal to rank, scale 1) for every conv, or explicit ordered
+    `targets` of (regex, rank); `tune_bias_norm` trains biases and norms too; `also_train` lists
+    further param-path regexes trained fully.
+    """
+    return ml_collections.ConfigDict(
+        {"rank": 4, "alpha": 0.0, "targets": (), "tune_bias_norm": True, "also_train": ()}
+    )
 
 
 def lora_config(section) -> lora_lib.LoraConfig:
@@ -54,4 +78,4 @@ def parts(config, model: nn.Module, sample) -> Parts:
     return parts_for(lora_config(config.lora), config.lora, model, sample)
 
 
-SPEC = MethodSpec(parts=parts)
+SPEC = MethodSpec(parts=parts, sections={"lora": default_config})

@@ -1,327 +1,90 @@
-"""LoRA-IR: mixtures of low-rank experts on every conv, routed per image (config section `moe`).
+"""LoRA-IR: mixtures of low-rank experts on every conv, routed per image (config `lora_ir`).
 
 Ai et al., "LoRA-IR: Taming Low-Rank Experts for Efficient All-in-One Image Restoration"
-(METHODS.md a.1-a.6). A frozen degradation router (`ir_lora.routing`, section `router`) maps the
-degraded input to an embedding and logits; the logits of the experts' classes (`moe.classes`,
-one expert per degradation, as in LoRA-IR) become per-image weights (`moe.route`: "top1", the
-paper's hard routing; "topk" with renormalisation; "soft"). Every conv carries E = len(classes)
-low-rank experts (`adapters.mixlora`, rank `moe.rank`, scale `alpha / rank`):
+(METHODS.md a.1-a.6). A frozen degradation router (`routing`, config section `router`) maps the
+degraded input to an embedding and logits; the logits of the experts' classes
+(`lora_ir.classes`, one expert per degradation, as in LoRA-IR) become per-image weights
+(`lora_ir.route`: "top1", the paper's hard routing; "topk" with renormalisation; "soft"). Every
+conv carries one low-rank expert per class (`experts`), and the router embedding drives
+degradation-aware modulation of the encoder stages (`modulation`).
 
-    y_n = conv(x_n, W0) + b + scale * sum_e w[n, e] conv(x_n, reshape(A_e B_e))
+The paper's three training stages, each a `train.py` run (configs/lora_ir_*.py):
 
-computed as the sum of expert branches (`moe.path = "branches"`) or with a per-image merged
-kernel (`"merged"`); both agree to 1e-5 and batch size 1 is not special. The router embedding
-also drives degradation-aware modulation (DAM, `adapters.modulation`) before every encoder
-stage and the middle stage (LoRA-IR has none on the decoder); DAM is zero-initialised, so it
-starts as the identity.
+1. stage `lora_ir_router`: the router alone (`router_stage`).
+2. `lora_ir.train = "backbone"`: the backbone and the modulation train, conditioned on the
+   frozen router's embedding (stage `pretrain` from scratch with PROD, or `finetune`).
+3. `lora_ir.train = "experts"`: only the experts and the modulation train; the backbone (from
+   stage 2's `export/variables`, with its modulation) and the router are frozen. (The released
+   code also unfreezes the backbone here, METHODS.md a.2; this follows the paper.)
 
-The training stages of the paper, each a `train.py` run (configs/moe_*.py):
-
-1. `router` stage: the router alone (`ir_lora.router_stage`).
-2. `moe.train = "backbone"`: the backbone and the modulation train, conditioned on the frozen
-   router's embedding (stage `pretrain` from scratch with PROD, or `finetune` from a backbone).
-3. `moe.train = "experts"`: only the experts and the modulation train; the backbone (from stage
-   2's `export/variables`, with its modulation) and the router are frozen. (The released code
-   also unfreezes the backbone here, METHODS.md a.2; this follows the paper.)
-
-Variable collections: `params` (backbone), `moe` (experts, at each conv's path), `modulation`
-(DAM at each stage's path, plus `degradation_prior`, LoRA-IR's `intro_de`), `router`.
-
-The checkpoints of stages 2 and 3 hold only what trains. They reference (path and sha256) the
-frozen backbone they started from (stage 3: stage 2's `export/variables`, with its modulation)
-and the router; a restored run (`eval.py --workdir`) takes the recorded router when
-`router.checkpoint` is empty and refuses a router whose content differs from the recorded one.
+Stage `lora_ir_allinone` (`allinone`) runs all three offline and scores a mixed-degradation test
+set per degradation. The checkpoints of stages 2 and 3 hold only what trains; they reference
+(path and sha256) the frozen backbone they started from and the router, and a restored run
+takes the recorded router when `router.checkpoint` is empty.
 """
 
-import functools
-import os
+import ml_collections
 
-import jax
-import jax.numpy as jnp
-import orbax.checkpoint as ocp
-from flax import linen as nn
+from ir_lora.methods.base import MethodSpec, Reference
+from ir_lora.methods.lora_ir import routing
+from ir_lora.methods.lora_ir.experts import (
+    EXPERTS,
+    MODULATION,
+    PRIOR,
+    ROUTER,
+    TRAIN_MODES,
+    attach_rules,
+    dam_width,
+    load,
+    parts,
+    trainability_rules,
+)
 
-from ir_lora import checkpointing, routing
-from ir_lora.adapters import mixlora
-from ir_lora.adapters import modulation as modulation_lib
-from ir_lora.methods.base import MethodSpec, Parts, init_or_given
-from ir_lora.models import NAFStage, TransformerStage
-from ir_lora.peft import intercept, partition
-
-EXPERTS, MODULATION, ROUTER = "moe", "modulation", "router"
-PRIOR = "degradation_prior"
-TRAIN_MODES = ("experts", "backbone")
-# Encoder stages and the middle stage of NAFNet and Restormer.
-STAGE_PATTERN = r"encoders_\d+|middle_blks|encoder_level\d+|latent"
-NORM_PATTERN = r"(.*/)?norm[^/]*"
-# Where a previous stage of this method leaves its variables (runner.EXPORT_VARIABLES_DIR).
-VARIABLES_DIR = os.path.join("export", "variables")
-
-
-def _scale(section) -> float:
-    alpha = float(section.alpha)
-    return alpha / int(section.rank) if alpha else 1.0
-
-
-def _experts(section, weights, next_fun, args, kwargs, module):
-    """The wrapped conv with its experts mixed by the per-image `weights` (N, E)."""
-    if not module.has_variable("params", "kernel"):  # init: the frozen layer creates its params
-        next_fun(*args, **kwargs)
-    x = args[0]
-    kernel = module.get_variable("params", "kernel")
-    bias = module.get_variable("params", "bias") if module.use_bias else None
-
-    def init():
-        return mixlora.init_factors(
-            module.make_rng("params"),
-            kernel.shape,
-            rank=int(section.rank),
-            num_experts=len(section.classes),
-        )
-
-    factors = intercept.variable(module, EXPERTS, "experts", init)
-    return mixlora.mix_conv(
-        x,
-        kernel,
-        factors["down"],
-        factors["up"],
-        weights,
-        bias=bias,
-        scale=_scale(section),
-        path=str(section.path),
-        **mixlora.conv_kwargs(module),
-    )
+__all__ = [
+    "EXPERTS",
+    "MODULATION",
+    "PRIOR",
+    "ROUTER",
+    "SPEC",
+    "TRAIN_MODES",
+    "attach_rules",
+    "dam_width",
+    "default_config",
+    "trainability_rules",
+]
 
 
-def dam_width(section, features: int) -> int:
-    """DAM's first MLP width for a stage of `features` channels.
+def default_config() -> ml_collections.ConfigDict:
+    """The `lora_ir` section.
 
-    `moe.dam_hidden` fixes it (LoRA-IR: 128 on every stage of its width-64 NAFNet); 0 scales it
-    with the stage, `max(1, round(features * moe.dam_ratio))`, so small backbones get small DAMs.
+    `classes` (degradation names, one expert each), expert `rank` and `alpha` (0: scale 1),
+    `route` ("top1" | "topk" | "soft") with `top_k`, execution `path` ("branches" | "merged"),
+    `train` ("experts" | "backbone"), `modulation` (DAM on), its widths: `prior_features` (0:
+    the router embedding's), `dam_hidden` (0: `max(1, round(C * dam_ratio))` for a stage of C
+    channels), `dam_reduction` (gate squeeze C // it).
     """
-    if int(section.dam_hidden):
-        return int(section.dam_hidden)
-    ratio = float(section.dam_ratio)
-    if ratio <= 0:
-        raise ValueError(f"config.moe.dam_ratio={ratio} must be > 0 (or set moe.dam_hidden)")
-    return max(1, round(features * ratio))
-
-
-def _modulate(section, prior, next_fun, args, kwargs, module):
-    """DAM on the stage's input, then the stage."""
-    x = args[0]
-    dam = modulation_lib.DegradationModulation(
-        features=x.shape[-1],
-        hidden=dam_width(section, x.shape[-1]),
-        reduction=int(section.dam_reduction),
-        parent=None,  # a free-standing module applied by hand, not a child of the stage
-    )
-
-    def init():
-        with intercept.bypass():
-            return dam.init(module.make_rng("params"), x, prior)["params"]
-
-    variables = intercept.variable(module, MODULATION, "dam", init)
-    with intercept.bypass():
-        x = dam.apply({"params": variables}, x, prior)
-    return next_fun(x, *args[1:], **kwargs)
-
-
-def attach_rules(section, *, weights=None, prior=None) -> list[intercept.Rule]:
-    """DAM on the encoder/middle stages (with `prior`), experts on every conv (with `weights`)."""
-    rules = []
-    if prior is not None:
-        rules.append(
-            intercept.Rule(
-                STAGE_PATTERN,
-                functools.partial(_modulate, section, prior),
-                module_types=(NAFStage, TransformerStage),
-            )
-        )
-    if weights is not None:
-        rules += [
-            intercept.Rule(NORM_PATTERN, None),
-            intercept.Rule(
-                ".*", functools.partial(_experts, section, weights), module_types=(nn.Conv,)
-            ),
-        ]
-    return rules
-
-
-def trainability_rules(section) -> tuple[tuple[str, str], ...]:
-    rules = []
-    if section.train == "experts":
-        rules.append((f"{EXPERTS}/.*", partition.LORA))
-    if section.modulation:
-        rules.append((f"{MODULATION}/.*", partition.TRAIN))
-    backbone = partition.TRAIN if section.train == "backbone" else partition.FROZEN
-    rules += [("params/.*", backbone), (f"{ROUTER}/.*", partition.FROZEN)]
-    return tuple(rules)
-
-
-def _check(config) -> None:
-    section = config.moe
-    if section.train not in TRAIN_MODES:
-        raise ValueError(f"config.moe.train={section.train!r} is not one of {TRAIN_MODES}")
-    if section.path not in mixlora.PATHS:
-        raise ValueError(f"config.moe.path={section.path!r} is not one of {mixlora.PATHS}")
-    if section.route not in mixlora.ROUTE_MODES:
-        raise ValueError(f"config.moe.route={section.route!r} is not one of {mixlora.ROUTE_MODES}")
-    routing.class_indices(section.classes)
-
-
-def parts(config, model: nn.Module, sample) -> Parts:
-    _check(config)
-    section = config.moe
-    router = routing.build_router(config.router)
-    # 0: the prior keeps the router embedding's width, as LoRA-IR's intro_de (384 -> 384).
-    prior_model = modulation_lib.DegradationPrior(features=int(section.prior_features) or None)
-    with_experts = section.train == "experts"
-
-    def route(variables, images):
-        """`(expert weights or None, DAM prior or None)`; nothing flows back into the router."""
-        embedding, logits = router.apply({"params": variables[ROUTER]}, images)
-        embedding, logits = jax.lax.stop_gradient((embedding, logits))
-        weights = None
-        if with_experts:
-            weights = routing.expert_weights(
-                logits, classes=section.classes, mode=section.route, k=int(section.top_k)
-            )
-        prior = None
-        if section.modulation:
-            prior = prior_model.apply({"params": variables[MODULATION][PRIOR]}, embedding)
-        return weights, prior
-
-    def variables_fn(rng, tree):
-        """`tree` is `load`'s; plain backbone params or None (parameter reports) get a fresh
-        router, which only `load` (run by train.py and eval.py) replaces by the trained one."""
-        params_key, adapters_key, prior_key, router_key = jax.random.split(rng, 4)
-        images = jnp.zeros(sample.shape, sample.dtype)
-        if tree is None or ROUTER not in tree:
-            tree = {"params": tree, ROUTER: router.init(router_key, images)["params"]}
-        variables = {
-            "params": init_or_given(model, sample, params_key, tree.get("params")),
-            ROUTER: tree[ROUTER],
+    return ml_collections.ConfigDict(
+        {
+            "classes": ("blur", "noise", "rain", "jpeg"),
+            "rank": 4,
+            "alpha": 0.0,
+            "route": "top1",
+            "top_k": 1,
+            "path": "branches",
+            "train": "experts",
+            "modulation": True,
+            "prior_features": 0,
+            "dam_hidden": 0,
+            "dam_ratio": 0.25,
+            "dam_reduction": 16,
         }
-        embedding, _ = router.apply({"params": tree[ROUTER]}, images)
-        n, experts = sample.shape[0], len(section.classes)
-        prior = None
-        if section.modulation:
-            width = int(section.prior_features) or embedding.shape[-1]
-            prior = jnp.zeros((n, width), sample.dtype)
-        weights = jnp.full((n, experts), 1.0 / experts) if with_experts else None
-        with intercept.attach(attach_rules(section, weights=weights, prior=prior)):
-            created = model.init(adapters_key, images)
-        if with_experts:
-            variables[EXPERTS] = created[EXPERTS]
-        given = tree.get(MODULATION)
-        if section.modulation:
-            fresh = {PRIOR: prior_model.init(prior_key, embedding)["params"], **created[MODULATION]}
-            variables[MODULATION] = fresh if given is None else given
-        elif given is not None:
-            raise ValueError("moe: the loaded backbone has modulation but moe.modulation=False")
-        return variables
-
-    def apply_fn(trainable, frozen, images):
-        variables = partition.combine(trainable, frozen)
-        weights, prior = route(variables, images)
-        model_variables = {"params": variables["params"]}
-        if with_experts:
-            model_variables[EXPERTS] = variables[EXPERTS]
-        if section.modulation:
-            stages = {k: v for k, v in variables[MODULATION].items() if k != PRIOR}
-            model_variables[MODULATION] = stages
-        with intercept.attach(attach_rules(section, weights=weights, prior=prior)):
-            return model.apply(model_variables, images)
-
-    return Parts(
-        rules=trainability_rules(section),
-        variables_fn=variables_fn,
-        apply_fn=apply_fn,
-        merge_fn=None,
     )
-
-
-def load(config, load_params) -> tuple[dict, str | None]:
-    """The init tree `{"params", "modulation", "router"}` and the backbone path checkpoints
-    reference (None from scratch; the router is a reference of its own, `references`).
-
-    `config.init.checkpoint` may be a previous `moe` run (its `export/variables`: backbone and
-    modulation), any other exported backbone or workdir (`load_params`), or empty when
-    pre-training from scratch; `config.init.torch` an official `.pth`.
-    """
-    _check(config)
-    router_params, _ = routing.load_router(config.router)
-    # Host arrays: restored arrays are committed to one device, which a sharded init refuses.
-    router_params = jax.device_get(router_params)
-    tree = {"params": None, MODULATION: None, ROUTER: router_params}
-    checkpoint, torch_path = config.init.get("checkpoint", ""), config.init.get("torch", "")
-    if checkpoint and torch_path:
-        raise ValueError("config.init: give at most one of checkpoint and torch")
-    previous = os.path.join(checkpoint, VARIABLES_DIR) if checkpoint else ""
-    if previous and os.path.isdir(previous):
-        variables = jax.device_get(ocp.StandardCheckpointer().restore(os.path.abspath(previous)))
-        tree["params"] = variables["params"]
-        tree[MODULATION] = variables.get(MODULATION)
-        return tree, os.path.abspath(previous)
-    if checkpoint or torch_path:
-        params, path = load_params(config, checkpoint or torch_path)
-        tree["params"] = jax.device_get(params)
-        return tree, path
-    if config.stage == "finetune":
-        raise ValueError("moe with stage='finetune' needs config.init.checkpoint or init.torch")
-    return tree, None
-
-
-def references(config) -> dict[str, str]:
-    """The router, frozen in every stage: its checkpoints record its path and hash."""
-    return {ROUTER: routing.router_dir(config.router)}
-
-
-def prepare(config, workdir: str, *, training: bool):
-    """`config` with `router.checkpoint` from the workdir's newest checkpoint when left empty.
-
-    Raises:
-      ReferenceMismatchError: the config's router, or the recorded one when the config leaves
-        it empty, is not (any more) the router the checkpoints were trained with; the message
-        names both paths.
-    """
-    del training  # A resumed training run and a restored one are held to the same router.
-    metadata = checkpointing.latest_metadata(os.path.join(os.path.abspath(workdir), "checkpoints"))
-    recorded = ((metadata or {}).get("references") or {}).get(ROUTER)
-    if recorded is None:
-        return config
-    given = config.router.get("checkpoint", "")
-    path = routing.router_dir(config.router) if given else recorded["path"]
-    if not os.path.exists(path):
-        if given:  # `routing.load_router` names the missing directory.
-            return config
-        raise FileNotFoundError(
-            f"The router {recorded['path']!r} recorded by the checkpoints in {workdir!r} no "
-            "longer exists: give its new place in config.router.checkpoint"
-        )
-    try:
-        checkpointing.verify_reference(recorded, path, name="router")
-    except checkpointing.ReferenceMismatchError as error:
-        if os.path.realpath(path) != os.path.realpath(recorded["path"]):
-            why = f"config.router.checkpoint={given!r} is another router than {recorded['path']!r}"
-        else:
-            why = f"the router {path!r} (config.router.checkpoint={given!r}) has changed"
-        raise checkpointing.ReferenceMismatchError(
-            f"{why}, which the checkpoints in {workdir!r} were trained with: {error}"
-        ) from None
-    if given:
-        return config
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.router.checkpoint = recorded["path"]
-    return config
 
 
 SPEC = MethodSpec(
     parts=parts,
-    trains_backbone=lambda config: config.moe.train == "backbone",
+    sections={"lora_ir": default_config, "router": routing.default_config},
+    trains_backbone=lambda config: config.lora_ir.train == "backbone",
     load=load,
-    references=references,
-    prepare=prepare,
+    references={ROUTER: Reference(field="router.checkpoint", resolve=routing.router_dir)},
 )

@@ -1,15 +1,16 @@
-"""The offline all-in-one experiment (configs/moe_allinone.py): LoRA-IR's three stages, then a
+"""The `lora_ir_allinone` stage (configs/lora_ir_allinone.py): LoRA-IR's three stages, then a
 mixed-degradation test set scored per degradation, with the router's accuracy.
 
-Data (no download): scikit-image's photographs (`data.samples`). The training photographs give
-clean crops that PROD degrades on the device with one degradation per crop from `moe.classes`.
-The held-out photographs are cut into tiles and each tile gets a different degradation (tile i
-gets class i mod K, parameters drawn from PROD's ranges), so the test set mixes every class.
-File names are `<class>_<photo>_<i>.png`, which is how results are grouped.
+Data (no download, `ir_lora.data.synthetic`): scikit-image's photographs. The training
+photographs give clean crops that PROD degrades on the device with one degradation per crop from
+`classes`. The held-out photographs are cut into tiles and each tile gets a different
+degradation (tile i gets class i mod K, parameters drawn from PROD's ranges), so the test set
+mixes every class. File names are `<class>__<photo>_<i>.png` (`synthetic.group_name`), which is
+how results are grouped.
 
 Stages (each exactly what `train.py` runs with the corresponding config):
-1. router (configs/moe_router.py), 2. backbone + modulation with the router embedding
-(configs/moe_backbone.py), 3. experts + modulation only (configs/moe_experts.py).
+1. router (configs/lora_ir_router.py), 2. backbone + modulation with the router embedding
+(configs/lora_ir_backbone.py), 3. experts + modulation only (configs/lora_ir_experts.py).
 Stage 2's model is evaluated on the same test set, so the table shows what the experts add.
 """
 
@@ -20,13 +21,13 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from ir_lora import degradations, models, quickstart, router_stage, routing, runner
-from ir_lora.data import samples
-from ir_lora.quickstart import _save, _shrink, _to_uint8
+from ir_lora import degradations, models, services
+from ir_lora.data import synthetic
+from ir_lora.methods.lora_ir import router_stage, routing
+from ir_lora.stages import quickstart, training
 
 # Sub-directories of the workdir, in training order.
 STAGES = ("router", "backbone", "experts")
@@ -34,29 +35,24 @@ STAGES = ("router", "backbone", "experts")
 
 def degrade_one(key, clean: np.ndarray, name: str, prod_config) -> np.ndarray:
     """One uint8 image with the single degradation `name` (parameters from PROD's ranges)."""
-    prod = ml_collections.ConfigDict(prod_config.to_dict())
-    prod.ops, prod.mode = [name], "single"
-    prod.min_degradations = prod.max_degradations = 1
+    prod = router_stage.single_degradation_config(prod_config, [name])
     image = jnp.asarray(clean, jnp.float32)[None] / 255.0
     out, labels = degradations.prod(key, image, prod)
     if float(labels["present"][0, degradations.NAMES.index(name)]) != 1.0:
         raise AssertionError(f"PROD did not apply {name!r}")
-    return _to_uint8(out[0])
+    return synthetic.to_uint8(out[0])
 
 
 def write_data(config, root: str) -> dict[str, str]:
     """Clean training photographs and the mixed test pairs under `root`."""
-    photos = {n: _shrink(p, config.photos_max_side) for n, p in samples.sample_photos()}
-    held_out = set(config.eval_photos)
+    train, held_out = synthetic.photos(config.photos_max_side, tuple(config.eval_photos))
     clean_dir, mixed_dir = os.path.join(root, "clean"), os.path.join(root, "mixed")
-    for name, pixels in photos.items():
-        if name not in held_out:
-            _save(os.path.join(clean_dir, f"{name}.png"), pixels)
+    synthetic.write_clean(clean_dir, train)
     classes, size = list(config.classes), int(config.tile_size)
     key = jax.random.key(int(config.seed))
     count = 0
     for photo in sorted(held_out):
-        pixels = photos[photo]
+        pixels = held_out[photo]
         rows, cols = pixels.shape[0] // size, pixels.shape[1] // size
         for i in range(rows * cols):
             r, c = divmod(i, cols)
@@ -65,18 +61,16 @@ def write_data(config, root: str) -> dict[str, str]:
             )
             name = classes[count % len(classes)]
             lq = degrade_one(jax.random.fold_in(key, count), tile, name, config.prod)
-            file = f"{name}_{photo}_{i}.png"
-            _save(os.path.join(mixed_dir, "val", "gt", file), tile)
-            _save(os.path.join(mixed_dir, "val", "lq", file), lq)
+            synthetic.write_pair(mixed_dir, "val", synthetic.group_name(name, photo, i), tile, lq)
             count += 1
     return {"clean": clean_dir, "mixed": mixed_dir}
 
 
 def per_degradation(results: dict, dataset: str = "mixed") -> dict[str, dict[str, float]]:
-    """`{class: {"psnr", "ssim", "input_psnr", "n"}}` from per-image rows named `<class>_...`."""
+    """`{class: {"psnr", "ssim", "input_psnr", "n"}}` from per-image rows named by group."""
     groups = collections.defaultdict(list)
     for row in results["datasets"][dataset]["images"]:
-        groups[row["name"].split("_")[0]].append(row)
+        groups[synthetic.group_of(row["name"])].append(row)
     out = {}
     for name, rows in sorted(groups.items()):
         out[name] = {
@@ -94,7 +88,7 @@ def test_routing_accuracy(router_config, classes, folder: str) -> tuple[float, d
     hits = collections.Counter()
     totals = collections.Counter()
     for file in sorted(os.listdir(lq_dir)):
-        truth = file.split("_")[0]
+        truth = synthetic.group_of(file)
         image = np.asarray(Image.open(os.path.join(lq_dir, file)).convert("RGB"), np.float32)
         _, logits = model.apply({"params": params}, jnp.asarray(image[None] / 255.0))
         predicted = classes[int(routing.predicted_class(logits, classes)[0])]
@@ -126,14 +120,11 @@ def stage_configs(config, workdir: str) -> dict:
     data = os.path.join(workdir, "data")
     folders = {"clean": os.path.join(data, "clean"), "mixed": os.path.join(data, "mixed")}
     dirs = {name: os.path.join(workdir, name) for name in STAGES}
-    common = {
-        "data.data_dir": os.path.join(workdir, "tfds"),
-        "data.source_dir": folders["clean"],
-        "router.checkpoint": dirs["router"],
-    }
+    data = {"data.data_dir": os.path.join(workdir, "tfds"), "data.source_dir": folders["clean"]}
+    common = {**data, "router.checkpoint": dirs["router"]}
     mixed_eval = {"eval.datasets.mixed.source_dir": folders["mixed"]}
     return {
-        "router": _stage(config.router_stage, common),
+        "router": _stage(config.router_stage, data),
         "backbone": _stage(config.backbone, {**common, **mixed_eval}),
         "experts": _stage(
             config.experts, {**common, **mixed_eval, "init.checkpoint": dirs["backbone"]}
@@ -188,15 +179,15 @@ def summary(classes, stage2: dict, stage3: dict, accuracy, per_class, report) ->
 
 
 def _parameter_report(config):
-    """What `runner.train_and_evaluate` reports for `config`, from shapes only."""
-    model = runner.build_model(config)
+    """What the training stage reports for `config`, from shapes only."""
+    model = services.build_model(config)
     shapes = models.param_shapes(config.model.variant, **dict(config.model.get("overrides", {})))
-    return runner.build_adaptation(config, model).report(shapes)
+    return services.build_adaptation(config, model).report(shapes)
 
 
 def _finish(stages, stage2: dict, stage3: dict, out_dir: str) -> str:
     """Routing accuracy on the test inputs, the table, `allinone.{md,json}` in `out_dir`."""
-    classes = list(stages["experts"].moe.classes)
+    classes = list(stages["experts"].lora_ir.classes)
     accuracy, per_class = test_routing_accuracy(
         stages["experts"].router, classes, stages["folders"]["mixed"]
     )
@@ -242,9 +233,9 @@ def run(config, workdir: str) -> str:
     logging.info("All-in-one 1/3: the degradation router")
     router_stage.train(stages["router"], dirs["router"])
     logging.info("All-in-one 2/3: backbone + modulation with the router embedding")
-    stage2 = runner.train_and_evaluate(stages["backbone"], dirs["backbone"])
+    stage2 = training.train_and_evaluate(stages["backbone"], dirs["backbone"])
     logging.info("All-in-one 3/3: experts (and modulation) only")
-    stage3 = runner.train_and_evaluate(stages["experts"], dirs["experts"])
+    stage3 = training.train_and_evaluate(stages["experts"], dirs["experts"])
     return _finish(stages, stage2["eval"], stage3["eval"], workdir)
 
 
@@ -255,7 +246,7 @@ def _check_complete(stages) -> None:
         ("router", os.path.join(dirs["router"], routing.EXPORT_DIR)),
         ("router", os.path.join(dirs["router"], "router.json")),
         ("backbone", os.path.join(dirs["backbone"], "checkpoints")),
-        ("backbone", os.path.join(dirs["backbone"], runner.EXPORT_VARIABLES_DIR)),
+        ("backbone", os.path.join(dirs["backbone"], services.EXPORT_VARIABLES_DIR)),
         ("experts", os.path.join(dirs["experts"], "checkpoints")),
         ("test data", os.path.join(stages["folders"]["mixed"], "val", "lq")),
     ]
@@ -264,11 +255,11 @@ def _check_complete(stages) -> None:
             raise FileNotFoundError(
                 f"All-in-one run {os.path.dirname(dirs['router'])!r} is incomplete: the {what} "
                 f"stage left no {path!r}. Train it first: python train.py --config "
-                "configs/moe_allinone.py --workdir <the same dir> (finished stages are reused)."
+                "configs/lora_ir_allinone.py --workdir <the same dir> (finished stages are reused)."
             )
 
 
-def evaluate(config, workdir: str, out_dir: str | None = None) -> str:
+def evaluate(config, *, workdir=None, checkpoint=None, datasets=None, out_dir=None) -> str:
     """Re-evaluates a finished all-in-one run from `workdir` without training.
 
     Stages 2 and 3 are restored from their newest checkpoints and scored on the run's mixed test
@@ -276,16 +267,19 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> str:
     The table (the one `run` prints) goes to `<out_dir>/allinone.{md,json}`.
 
     Args:
-      config: `configs/moe_allinone.py` with the overrides the run was trained with.
+      config: `configs/lora_ir_allinone.py` with the overrides the run was trained with.
       workdir: the run's workdir.
+      checkpoint, datasets: not used by this stage (an error when given).
       out_dir: default `<workdir>/eval`.
     """
+    if not workdir or checkpoint or datasets:
+        raise ValueError("stage 'lora_ir_allinone' is evaluated from --workdir (and --out_dir)")
     workdir = os.path.abspath(workdir)
     stages = stage_configs(config, workdir)
     _check_complete(stages)
     out_dir = os.path.abspath(out_dir or os.path.join(workdir, "eval"))
     results = {
-        name: runner.evaluate(
+        name: training.evaluate(
             stages[name], workdir=stages["dirs"][name], out_dir=os.path.join(out_dir, name)
         )
         for name in ("backbone", "experts")

@@ -1,20 +1,21 @@
-"""The `router` stage of train.py: train the degradation router alone (LoRA-IR step 1).
+"""The `lora_ir_router` stage of train.py: the degradation router alone (LoRA-IR step 1).
 
-    python train.py --config configs/moe_router.py --workdir runs/router \
+    python train.py --config configs/lora_ir_router.py --workdir runs/router \
         --config.data.source_dir=/path/to/clean/images
 
 Clean crops (`config.data`, dataset `images`) are degraded on the device by PROD (`config.prod`)
-and the router (`config.router`, `ir_lora.routing`) learns which degradations each crop carries:
-sigmoid cross-entropy against PROD's multi-hot `present` labels. Only the router's trainable
+and the router (`config.router`, `routing`) learns which degradations each crop carries: sigmoid
+cross-entropy against PROD's multi-hot `present` labels. It trains through `trainer.train` (one
+train step, checkpoints, exact resume, mesh, TensorBoard, NaN stop); only the router's trainable
 part changes (the whole small CNN; for a registered frozen encoder, only its MLP and head).
 
 At the end the params go to `<workdir>/export/router` (what `config.router.checkpoint` of the
-`moe` stages points at) and `<workdir>/router.json` holds the training curve and the routing
-accuracy on `eval_batches` fresh batches with one degradation per image from `moe.classes`
-(top-1 over the classes' logits: the expert LoRA-IR would pick). Every `eval_every_steps`,
-`accuracy_log` gets the routing accuracy so far, on `eval_batches` batches drawn once before
+`lora_ir` stages points at) and `<workdir>/router.json` holds the training curve and the routing
+accuracy on `eval_batches` fresh batches with one degradation per image from `classes` (top-1
+over the classes' logits: the expert LoRA-IR would pick). Every `eval_every_steps`, TensorBoard
+and `accuracy_log` get the routing accuracy so far, on `eval_batches` batches drawn once before
 training from a second iterator (crops of the same images). A workdir that already holds
-`export/router` is not retrained.
+`export/router` and `router.json` is not retrained.
 """
 
 import json
@@ -26,30 +27,31 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ir_lora import degradations, routing, runner, train_lib
-from ir_lora.adapters import router as router_lib
+from ir_lora import degradations, routers, services, train_lib, trainer
+from ir_lora.methods.lora_ir import routing
 
 
-def _single_config(config) -> ml_collections.ConfigDict:
-    """PROD with one degradation per image, drawn from the experts' classes."""
-    prod = ml_collections.ConfigDict(config.prod.to_dict())
-    prod.ops = list(config.moe.classes)
+def single_degradation_config(prod_config, classes) -> ml_collections.ConfigDict:
+    """PROD with exactly one degradation per image, drawn from `classes`."""
+    prod = ml_collections.ConfigDict(prod_config.to_dict())
+    prod.ops = tuple(classes)
     prod.mode = "single"
     prod.min_degradations = prod.max_degradations = 1
     return prod
 
 
 def routing_accuracy(router_apply, params, clean_batches, config, seed: int) -> float:
-    """Top-1 accuracy over `moe.classes` on single-degradation versions of `clean_batches`."""
-    prod = _single_config(config)
-    indices = jnp.asarray(routing.class_indices(config.moe.classes))
+    """Top-1 accuracy over `config.classes` on single-degradation versions of `clean_batches`."""
+    classes = tuple(config.classes)
+    prod = single_degradation_config(config.prod, classes)
+    indices = jnp.asarray(routing.class_indices(classes))
 
     @jax.jit
     def correct(params, clean, key):
         lq, labels = degradations.prod(key, clean, prod)
         _, logits = router_apply({"params": params}, lq)
         truth = jnp.argmax(labels["present"][:, indices], axis=-1)
-        return jnp.sum(routing.predicted_class(logits, config.moe.classes) == truth)
+        return jnp.sum(routing.predicted_class(logits, classes) == truth)
 
     hits = total = 0
     for i, clean in enumerate(clean_batches):
@@ -58,12 +60,29 @@ def routing_accuracy(router_apply, params, clean_batches, config, seed: int) -> 
     return hits / max(total, 1)
 
 
+def router_method(config, model) -> train_lib.Method:
+    """The router as the trainer's method: PROD in the step, scored on PROD's `present`."""
+    prod = config.prod
+
+    def degrade_fn(rng, clean):
+        return degradations.prod(rng, clean, prod)
+
+    size = int(config.data.gt_size)
+    return routers.router_method(
+        model,
+        (1, size, size, 3),
+        labels_of=lambda targets: targets["labels"]["present"],
+        degrade_fn=degrade_fn,
+    )
+
+
 def train(config, workdir: str) -> dict:
     """Runs the router stage in `workdir`.
 
     Returns:
       `{"export", "routing_accuracy", "log", "accuracy_log"}` (also `<workdir>/router.json`).
     """
+    routing.class_indices(config.classes)
     workdir = os.path.abspath(workdir)
     export = os.path.join(workdir, routing.EXPORT_DIR)
     summary_path = os.path.join(workdir, "router.json")
@@ -73,45 +92,32 @@ def train(config, workdir: str) -> dict:
             return json.load(f)
     os.makedirs(workdir, exist_ok=True)
     model = routing.build_router(config.router)
-    iterator = runner.train_iterator(config, workdir)
-    steps = int(config.num_train_steps)
-    tx = train_lib.make_optimizer(config.optimizer, num_train_steps=steps)
-    first = np.asarray(next(iterator)["gt"])
-    key = jax.random.key(int(config.seed))
-    params = model.init(jax.random.fold_in(key, 0), first)["params"]
-    opt_state = tx.init(params)
-    prod = config.prod
-    update = router_lib.make_train_step(model, tx)
-    every = int(config.eval_every_steps)
-    probe = []
-    if every > 0:
-        probe_iterator = runner.train_iterator(config, workdir)
-        probe = [np.asarray(next(probe_iterator)["gt"]) for _ in range(int(config.eval_batches))]
+    probe_iterator = services.train_iterator(config, workdir)
+    probe = [np.asarray(next(probe_iterator)["gt"]) for _ in range(int(config.eval_batches))]
+    accuracy_log, log = [], []
 
-    @jax.jit
-    def degrade(clean, key):
-        lq, labels = degradations.prod(key, clean, prod)
-        return lq, labels["present"]
+    def eval_fn(state, frozen):
+        del frozen
+        params = state.trainable
+        accuracy = routing_accuracy(model.apply, params, probe, config, int(config.seed) + 2)
+        logging.info("router step %d: routing accuracy %.3f", int(state.step), accuracy)
+        accuracy_log.append({"step": int(state.step), "routing_accuracy": accuracy})
+        return {"routing_accuracy": accuracy}
 
-    log, pending, accuracy_log = [], [], []
-    for step in range(1, steps + 1):
-        clean = first if step == 1 else np.asarray(next(iterator)["gt"])
-        lq, present = degrade(clean, jax.random.fold_in(key, step))
-        params, opt_state, metrics = update(params, opt_state, lq, present)
-        pending.append(metrics)
-        if step % int(config.log_every_steps) == 0 or step == steps:
-            mean = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
-            logging.info("router step %d: %s", step, mean)
-            log.append({"step": step, **mean})
-            pending = []
-        if every > 0 and (step % every == 0 or step == steps):
-            accuracy = routing_accuracy(model.apply, params, probe, config, int(config.seed) + 2)
-            logging.info("router step %d: routing accuracy %.3f", step, accuracy)
-            accuracy_log.append({"step": step, "routing_accuracy": accuracy})
+    iterator = services.train_iterator(config, workdir)
+    state, _ = trainer.train(
+        config,
+        workdir,
+        method=router_method(config, model),
+        data_iterator=iterator,
+        eval_fn=eval_fn,
+        metrics_log=log,
+    )
+    params = jax.device_get(state.trainable)
     held_out = [np.asarray(next(iterator)["gt"]) for _ in range(int(config.eval_batches))]
     accuracy = routing_accuracy(model.apply, params, held_out, config, int(config.seed) + 1)
-    logging.info("Routing accuracy over %s: %.3f", list(config.moe.classes), accuracy)
-    runner.export_params(params, export)
+    logging.info("Routing accuracy over %s: %.3f", list(config.classes), accuracy)
+    services.export_params(params, export)
     summary = {
         "export": export,
         "routing_accuracy": accuracy,

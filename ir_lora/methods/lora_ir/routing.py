@@ -1,26 +1,27 @@
-"""The degradation router as the methods use it: build from config, load, route to experts.
+"""LoRA-IR's degradation router: build from config, load, route to experts.
 
-Config section `router` (see configs/common.py):
+Config section `router` (`default_config`):
 
-* `encoder = ""` (default): `adapters.router.DegradationEncoder`, a small CNN trained by the
-  `router` stage (`ir_lora.router_stage`) on PROD-degraded images to say which degradations are
+* `encoder = ""` (default): `ir_lora.routers.DegradationEncoder`, a small CNN trained by the
+  `lora_ir_router` stage (`router_stage`) on PROD-degraded images to say which degradations are
   present (multi-label over `degradations.NAMES`). Its embedding and logits drive LoRA-IR.
 * `encoder = NAME`: a frozen image encoder the user registered with `register_encoder(NAME,
   encode, view_size=...)` (e.g. a Flax CLIP vision tower, whose weights cannot be downloaded
-  here). It is wrapped in `adapters.router.MultiViewRouter`: LoRA-IR's high-resolution pooling
+  here). It is wrapped in `ir_lora.routers.MultiViewRouter`: LoRA-IR's high-resolution pooling
   (the whole image plus its 2x2 crops at `view_size`), then a trainable MLP and head. The router
   stage trains the MLP and head exactly as it trains the CNN.
 
-    from ir_lora import routing
-    encode = lambda views: my_clip(router.clip_normalize(views))  # (M, 336, 336, 3) -> (M, D)
+    from ir_lora import routers
+    from ir_lora.methods.lora_ir import routing
+    encode = lambda views: my_clip(routers.clip_normalize(views))  # (M, 336, 336, 3) -> (M, D)
     routing.register_encoder("clip-l14", encode, view_size=336)
-    # then: python train.py --config configs/moe_router.py --config.router.encoder=clip-l14 ...
+    # then: python train.py --config configs/lora_ir_router.py --config.router.encoder=clip-l14
 
     (register it in the process that runs train.py / eval.py, e.g. a small launcher script.)
 
 Both give `(embedding (N, D), logits (N, len(NAMES)))`. `expert_weights` restricts the logits to
-the experts' degradation classes (`moe.classes`, one expert per class, as in LoRA-IR) and turns
-them into per-image weights with `adapters.mixlora.route`.
+the experts' degradation classes (`lora_ir.classes`, one expert per class, as in LoRA-IR) and
+turns them into per-image weights with `ir_lora.peft.mixlora.route`.
 """
 
 import dataclasses
@@ -30,14 +31,30 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from ir_lora import degradations
-from ir_lora.adapters import mixlora
-from ir_lora.adapters import router as router_lib
+from ir_lora import routers as router_lib
+from ir_lora.peft import mixlora
 
 EXPORT_DIR = os.path.join("export", "router")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `router` section: `checkpoint` (a router workdir, or its `export/router`), `encoder`
+    ("": the small CNN with `widths` and `embed_dim`; or a registered frozen encoder with the
+    multi-view MLP `mlp_widths`)."""
+    return ml_collections.ConfigDict(
+        {
+            "checkpoint": "",
+            "encoder": "",
+            "widths": (16, 32, 64, 64),
+            "embed_dim": 64,
+            "mlp_widths": (768, 384),
+        }
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +74,7 @@ def register_encoder(name: str, encode: Callable[[jax.Array], jax.Array], *, vie
     Args:
       name: the config value that selects it.
       encode: `(M, S, S, 3) -> (M, D_enc)` on [0, 1] RGB views; it applies its own input
-        normalisation (`adapters.router.clip_normalize` for CLIP) and closes over its weights,
+        normalisation (`ir_lora.routers.clip_normalize` for CLIP) and closes over its weights,
         which never train (no gradient reaches them).
       view_size: S, the encoder's input size (CLIP ViT-L/14-336: 336).
     """
@@ -77,7 +94,7 @@ def build_router(section) -> nn.Module:
     if name not in ENCODERS:
         raise ValueError(
             f"config.router.encoder={name!r} is not registered (registered: {sorted(ENCODERS)}); "
-            "call ir_lora.routing.register_encoder first"
+            "call ir_lora.methods.lora_ir.routing.register_encoder first"
         )
     encoder = ENCODERS[name]
     return router_lib.MultiViewRouter(
@@ -95,13 +112,13 @@ def router_shapes(section, image_shape: Sequence[int] = (1, 64, 64, 3)):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), sample))["params"]
 
 
-def router_dir(section) -> str:
-    """The absolute params directory `section.checkpoint` names (a router workdir or its export)."""
-    path = section.get("checkpoint", "")
+def router_dir(path: str) -> str:
+    """The absolute params directory a `router.checkpoint` names (a router workdir or its
+    export)."""
     if not path:
         raise ValueError(
             "config.router.checkpoint is empty: train a router first (python train.py --config "
-            "configs/moe_router.py --workdir DIR) and give DIR"
+            "configs/lora_ir_router.py --workdir DIR) and give DIR"
         )
     candidate = os.path.join(path, EXPORT_DIR)
     return os.path.abspath(candidate if os.path.isdir(candidate) else path)
@@ -110,7 +127,7 @@ def router_dir(section) -> str:
 def load_router(section) -> tuple[Any, str]:
     """Trained router params from `section.checkpoint` and their directory (`router_dir`)."""
     path = section.get("checkpoint", "")
-    directory = router_dir(section)
+    directory = router_dir(path)
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"config.router.checkpoint={path!r}: no router params at {directory!r} "
@@ -130,7 +147,7 @@ def class_indices(classes: Sequence[str]) -> list[int]:
     unknown = [c for c in classes if c not in degradations.NAMES]
     if unknown or not classes or len(set(classes)) != len(classes):
         raise ValueError(
-            f"moe.classes={list(classes)} must be distinct names from {degradations.NAMES}"
+            f"lora_ir.classes={list(classes)} must be distinct names from {degradations.NAMES}"
         )
     return [degradations.NAMES.index(c) for c in classes]
 

@@ -6,7 +6,7 @@ the frozen layer, `f_i(x) = x * dW_i` is LoRA i (`dW_i = reshape(A_i @ B_i)`, tr
 layers (`similarity_route`: top-K degradation similarities, renormalised).
 
 The N LoRA trees share one `LoraConfig` (same targets and ranks), so they are stacked leaf by leaf
-into `(N, ...)` factors, the expert layout of `ir_lora.adapters.mixlora`, which does the work:
+into `(N, ...)` factors, the expert layout of `ir_lora.peft.mixlora`, which does the work:
 
 * `path="branches"`: the frozen layer plus the weighted low-rank branches (factored form).
 * `path="merged"`: one kernel `W_n = W0 + scale * sum_i s[n, i] dW_i` per image, convolved with a
@@ -25,11 +25,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
-from ir_lora.adapters import mixlora
-from ir_lora.peft import intercept
+from ir_lora.peft import intercept, mixlora
 from ir_lora.peft import lora as lora_lib
 
-COLLECTION = "multilora"
+COLLECTION = "stacked_lora"
 PATHS = mixlora.PATHS
 
 

@@ -1,16 +1,17 @@
-"""Offline data for the UIR-LoRA experiment (configs/uirlora.py), from scikit-image photographs.
+"""Offline data for the UIR-LoRA experiment (configs/uir_lora.py), from the sample photographs.
 
-  python -m ir_lora.uir.data --root runs/uirlora
+  python -m ir_lora.methods.uir_lora.experiment --root runs/uir_lora
 
-Writes under `<root>/data/`:
+Writes under `<root>/data/` (`ir_lora.data.synthetic`: held-out photographs and file names as
+every offline experiment):
 
-* `clean/`: the training photographs (all sample photographs but `EVAL_PHOTOS`), longer side 256,
-  for PROD pre-training (as the quickstart);
+* `clean/`: the training photographs (all sample photographs but the held-out ones), longer side
+  256, for PROD pre-training (as the quickstart);
 * `<degradation>/train/{lq,gt}`: `num_pairs` random crops of the training photographs, degraded
   by that one degradation, for that degradation's LoRA;
 * `mixed/test/{lq,gt}`: crops of the held-out photographs, each degraded by one degradation
   or by two in sequence (`MIXES`); names `<group>__<photo>_<i>`, the group being the
-  degradations joined by "+", which the multilora table reads.
+  degradations joined by "+", which the uir_lora table reads.
 
 Degradation ranges are moderate choices for this demonstration [R], drawn per image.
 """
@@ -23,10 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ir_lora import degradations
-from ir_lora.data import samples
-from ir_lora.quickstart import _save, _shrink, _to_uint8
+from ir_lora.data import synthetic
 
-EVAL_PHOTOS = ("chelsea", "coffee")
 DEGRADATIONS = ("haze", "low_light", "noise", "rain")
 MIXES = (("haze", "noise"), ("rain", "noise"), ("haze", "rain"), ("low_light", "rain"))
 MAX_SIDE = 256
@@ -67,50 +66,41 @@ def degrade(name: str, key: jax.Array, image: jax.Array) -> jax.Array:
             angle=_uniform(k[3], -0.4, 0.4),
             brightness=_uniform(k[4], 0.3, 0.5),
         )
-    raise ValueError(f"ir_lora.uir.data: unknown degradation {name!r}; known: {DEGRADATIONS}")
+    raise ValueError(f"uir_lora experiment: unknown degradation {name!r}; known: {DEGRADATIONS}")
 
 
 def _degrade_all(names, key, pixels: np.ndarray) -> np.ndarray:
     image = jnp.asarray(pixels, jnp.float32) / 255.0
     for i, name in enumerate(names):
         image = degrade(name, jax.random.fold_in(key, i), image)
-    return _to_uint8(image)
-
-
-def _crop(rng, pixels, size):
-    top = rng.integers(0, pixels.shape[0] - size + 1)
-    left = rng.integers(0, pixels.shape[1] - size + 1)
-    return np.ascontiguousarray(pixels[top : top + size, left : left + size])
+    return synthetic.to_uint8(image)
 
 
 def write(root: str, *, num_pairs: int = 32, pair_size: int = 96, test_size: int = 128, seed=0):
     """Writes every folder of the module docstring under `<root>/data`; returns that folder."""
     data = os.path.join(os.path.abspath(root), "data")
-    photos = {n: _shrink(p, MAX_SIDE) for n, p in samples.sample_photos()}
-    train = {n: p for n, p in photos.items() if n not in EVAL_PHOTOS}
-    for name, pixels in train.items():
-        _save(os.path.join(data, "clean", f"{name}.png"), pixels)
+    train, held_out = synthetic.photos(MAX_SIDE)
+    synthetic.write_clean(os.path.join(data, "clean"), train)
     key = jax.random.key(seed)
-    names = sorted(train)
     for d, degradation in enumerate(DEGRADATIONS):
         rng = np.random.default_rng([seed, d])
-        for i in range(num_pairs):
-            crop = _crop(rng, train[names[i % len(names)]], pair_size)
+        for i, crop in synthetic.random_crops(train, num_pairs, pair_size, rng):
             degraded = _degrade_all([degradation], jax.random.fold_in(key, 1000 * d + i), crop)
-            for kind, pixels in (("gt", crop), ("lq", degraded)):
-                _save(os.path.join(data, degradation, "train", kind, f"{i:03d}.png"), pixels)
+            name = synthetic.pair_name(i)
+            synthetic.write_pair(os.path.join(data, degradation), "train", name, crop, degraded)
     groups = [(d,) for d in DEGRADATIONS] + list(MIXES)
+    photos = sorted(held_out)
     for g, group in enumerate(groups):
-        for photo in EVAL_PHOTOS:
-            pixels = photos[photo]
+        for photo in photos:
+            pixels = held_out[photo]
             # Two crops per photograph: its left and right ends (held out from all training).
             width = pixels.shape[1]
             for i, left in enumerate((0, width - test_size)):
                 crop = np.ascontiguousarray(pixels[:test_size, left : left + test_size])
-                k = jax.random.fold_in(key, 10_000 + 100 * g + 10 * EVAL_PHOTOS.index(photo) + i)
-                name = f"{'+'.join(group)}__{photo}_{i}.png"
-                _save(os.path.join(data, "mixed", "test", "gt", name), crop)
-                _save(os.path.join(data, "mixed", "test", "lq", name), _degrade_all(group, k, crop))
+                k = jax.random.fold_in(key, 10_000 + 100 * g + 10 * photos.index(photo) + i)
+                name = synthetic.group_name("+".join(group), photo, i)
+                lq = _degrade_all(group, k, crop)
+                synthetic.write_pair(os.path.join(data, "mixed"), "test", name, crop, lq)
     return data
 
 

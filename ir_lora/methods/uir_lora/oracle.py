@@ -1,6 +1,6 @@
 """The composition with the true degradations' weights (an upper bound on routing), per group.
 
-  python -m ir_lora.uir.oracle --root runs/uirlora
+  python -m ir_lora.methods.uir_lora.oracle --workdir runs/uir_lora/composition
 
 Each test image's group name ("haze+noise") gives its weights: 1/m on each of its m degradations'
 LoRAs (`--full`: 1 on each), 0 elsewhere. This separates what the composition can do from what
@@ -12,22 +12,22 @@ import os
 
 import numpy as np
 
-from configs import uirlora
-from ir_lora import runner
-from ir_lora.uir import compose, run
+from ir_lora import services
+from ir_lora.data import synthetic
+from ir_lora.methods.uir_lora import compose, stage
 
 
 def oracle_table(config, workdir: str, *, full: bool = False) -> str:
     """The oracle row; `full` gives each of an image's LoRAs weight 1 instead of 1/m."""
-    backbone, bundle, names, lora_config = run.load_bundle(config, workdir)
-    model = runner.build_model(config)
-    (dataset,) = runner.eval_datasets(config, workdir).values()
+    backbone, bundle, names, lora_config = stage.load_bundle(config, workdir)
+    model = services.build_model(config)
+    (dataset,) = services.eval_datasets(config, workdir).values()
     groups = {}
     for i in range(len(dataset)):
         example = dataset[i]
         name = example["name"]
         name = name.decode() if isinstance(name, bytes) else str(name)
-        groups.setdefault(name.split(run.GROUP_SEPARATOR)[0], []).append(example)
+        groups.setdefault(synthetic.group_of(name), []).append(example)
     cells, psnrs, ssims = [], [], []
     for group, examples in groups.items():
         members = group.split("+")
@@ -40,7 +40,7 @@ def oracle_table(config, workdir: str, *, full: bool = False) -> str:
 
         params = {"params": backbone, "loras": bundle["loras"]}
         out = os.path.join(workdir, "eval", "oracle_full" if full else "oracle", group)
-        result = runner.run_evaluation(config, restore, params, {"mixed": examples}, out)
+        result = services.run_evaluation(config, restore, params, {"mixed": examples}, out)
         mean = result["datasets"]["mixed"]["mean"]
         psnrs.append(mean["psnr"])
         ssims.append(mean["ssim"])
@@ -54,13 +54,13 @@ def oracle_table(config, workdir: str, *, full: bool = False) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=uirlora.DEFAULT_ROOT)
+    parser.add_argument("--workdir", required=True, help="a finished uir_lora stage's workdir")
     parser.add_argument("--full", action="store_true", help="weight 1 on each true LoRA, not 1/m")
     args = parser.parse_args()
-    config = uirlora.get_config(f"multilora:{args.root}")
-    table = oracle_table(config, os.path.join(args.root, "multilora"), full=args.full)
+    config = stage.run_config(args.workdir)  # the config the stage recorded in its checkpoints
+    table = oracle_table(config, args.workdir, full=args.full)
     name = "oracle_full.md" if args.full else "oracle.md"
-    with open(os.path.join(args.root, "multilora", "eval", name), "w") as f:
+    with open(os.path.join(args.workdir, "eval", name), "w") as f:
         f.write(table + "\n")
     print(table)
 

@@ -2,10 +2,11 @@
 
 UIR-LoRA routes with a frozen image encoder's embedding `d` and one anchor per degradation (text
 embeddings of the degradation names), `s = norm_K(topK(d . B^T))`. No frozen CLIP tower ships with
-this project, so the embedding here comes from `ir_lora.adapters.router.DegradationEncoder`, a
-small CNN trained on the LoRAs' own degraded training images with one multi-hot label per
-degradation (sigmoid cross-entropy, so a mixed image may light up several), and the anchors are
-*visual* prototypes [R]: the mean embedding of each degradation's training images.
+this project, so the embedding here comes from `ir_lora.routers.DegradationEncoder`, a small CNN
+trained (through `trainer.train`, `encoder_method`) on the LoRAs' own degraded training images
+(`encoder_dataset`) with one multi-hot label per degradation (sigmoid cross-entropy, so a mixed
+image may light up several), and the anchors are *visual* prototypes [R]: the mean embedding of
+each degradation's training images.
 
 Cosine similarity of raw embeddings (after a GELU, mostly positive) is high for every pair, so
 embeddings and prototypes are first centred on the prototypes' mean [R]; the composition weights
@@ -15,74 +16,73 @@ are then `mixlora.similarity_route` of the centred vectors (top-K, renormalised)
 import functools
 from collections.abc import Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from ir_lora.adapters import mixlora
-from ir_lora.adapters import router as router_lib
+from ir_lora import routers, train_lib
+from ir_lora.peft import mixlora
 
 
 def encoder(num_degradations: int, *, widths: Sequence[int], embed_dim: int):
     """The `DegradationEncoder` that embeds images for routing."""
-    return router_lib.DegradationEncoder(
+    return routers.DegradationEncoder(
         num_degradations=num_degradations, widths=tuple(widths), embed_dim=embed_dim
     )
 
 
-def _random_crops(rng: np.random.Generator, images: Sequence[np.ndarray], size: int, count: int):
-    picks = rng.integers(0, len(images), count)
-    out = []
-    for i in picks:
-        image = images[i]
-        h, w = image.shape[:2]
-        if h < size or w < size:
-            raise ValueError(f"routing: a training image {image.shape} is smaller than crop {size}")
-        top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
-        out.append(image[top : top + size, left : left + size])
-    return np.stack(out), picks
+def encoder_method(model, *, crop: int) -> train_lib.Method:
+    """The encoder as the trainer's method: multi-label cross-entropy on the batch's `labels`."""
+    return routers.router_method(model, (1, crop, crop, 3), labels_of=lambda t: t["labels"])
 
 
-def train_encoder(
+def encoder_dataset(
     images_per_degradation: Sequence[Sequence[np.ndarray]],
     *,
-    widths: Sequence[int] = (16, 32, 64),
-    embed_dim: int = 64,
-    steps: int = 300,
-    batch_size: int = 16,
-    crop: int = 64,
-    learning_rate: float = 2e-3,
-    seed: int = 0,
-):
-    """Trains the encoder to tell the degradations apart; returns `(model, params, metrics)`.
+    crop: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """Random crops of each degradation's degraded images, labelled one-hot by degradation.
 
-    Args:
-      images_per_degradation: for each degradation i, its degraded training images (float32
-        `(H, W, 3)` in [0, 1]); the label of every crop of them is the one-hot vector of i.
-      widths, embed_dim: the encoder's size.
-      steps, batch_size, crop, learning_rate, seed: Adam on random crops, balanced over
-        degradations in expectation.
+    Each example first draws its degradation uniformly, then one of its images and a window, all
+    from `seed` and the example's position (reproducible; the iterator's state resumes it).
+    Batches are `{"lq": (B, crop, crop, 3) float32 in [0, 1], "labels": (B, K) one-hot}`.
 
-    Returns:
-      The module, its params and the last step's metrics (`loss`, `accuracy`, `exact_match`).
+    Raises:
+      ValueError: a degradation without images, or an image smaller than `crop`.
     """
-    groups = [list(g) for g in images_per_degradation]
+    groups = [[np.asarray(image, np.float32) for image in g] for g in images_per_degradation]
     if not groups or any(not g for g in groups):
-        raise ValueError("routing.train_encoder: every degradation needs at least one image")
-    model = encoder(len(groups), widths=widths, embed_dim=embed_dim)
-    rng = np.random.default_rng(seed)
-    params = model.init(jax.random.key(seed), jnp.zeros((1, crop, crop, 3)))["params"]
-    optimizer = optax.adam(learning_rate)
-    opt_state = optimizer.init(params)
-    step = router_lib.make_train_step(model, optimizer)
-    metrics = {}
-    for _ in range(steps):
-        labels = rng.integers(0, len(groups), batch_size)
-        batch = np.stack([_random_crops(rng, groups[c], crop, 1)[0][0] for c in labels])
-        one_hot = np.eye(len(groups), dtype=np.float32)[labels]
-        params, opt_state, metrics = step(params, opt_state, jnp.asarray(batch), one_hot)
-    return model, params, {k: float(v) for k, v in metrics.items()}
+        raise ValueError("uir_lora: every degradation needs at least one degraded image")
+    for g in groups:
+        for image in g:
+            if min(image.shape[:2]) < crop:
+                raise ValueError(f"uir_lora: a training image {image.shape} is smaller than {crop}")
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"uir_lora: batch size {global_batch_size} must be a multiple of the process count "
+            f"{process_count}"
+        )
+    eye = np.eye(len(groups), dtype=np.float32)
+
+    def example(index: int, rng: np.random.Generator):
+        del index
+        label = int(rng.integers(len(groups)))
+        images = groups[label]
+        image = images[int(rng.integers(len(images)))]
+        h, w = image.shape[:2]
+        top, left = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+        return {"lq": image[top : top + crop, left : left + crop], "labels": eye[label]}
+
+    ds = grain.MapDataset.range(2**62).random_map(example, seed=seed)
+    ds = ds[process_index::process_count].to_iter_dataset()
+    return ds.batch(global_batch_size // process_count, drop_remainder=True)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -95,7 +95,7 @@ def embed(model, params, images: jax.Array) -> jax.Array:
     return _embed(model, params, images)
 
 
-def prototypes(model, params, images_per_degradation) -> jax.Array:
+def degradation_prototypes(model, params, images_per_degradation) -> jax.Array:
     """`(K, D)`: the mean embedding of each degradation's images (one image at a time)."""
     rows = []
     for group in images_per_degradation:

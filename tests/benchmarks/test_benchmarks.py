@@ -1,14 +1,10 @@
 """The benchmark suite's building blocks (tiny model, one step)."""
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import common, suite  # noqa: E402
+from benchmarks import common, suite
 
 
 def test_adaptir_row_times_a_step_of_the_adapters_only():

@@ -351,7 +351,7 @@ def test_iterator_state_round_trips_through_orbax(tmp_path):
 def test_sidd_validation_blocks_become_a_prepared_val_split(tmp_path):
     from scipy.io import savemat
 
-    script = runpy.run_path(str(Path(__file__).parents[1] / "data" / "prepare_sidd_val.py"))
+    script = runpy.run_path(str(Path(__file__).parents[2] / "data" / "prepare_sidd_val.py"))
     noisy, gt = _rand((2, 3, 16, 16, 3), seed=1), _rand((2, 3, 16, 16, 3), seed=2)
     savemat(tmp_path / "noisy.mat", {"ValidationNoisyBlocksSrgb": noisy})
     savemat(tmp_path / "gt.mat", {"ValidationGtBlocksSrgb": gt})

@@ -1,4 +1,4 @@
-"""method=colora, the contributions stage and decoder-only tuning, through the runner."""
+"""method=colora, its stages (contributions, fine-tune) and decoder-only tuning."""
 
 import json
 import math
@@ -12,10 +12,12 @@ from flax import traverse_util
 from PIL import Image
 
 from configs import colora as colora_config
-from configs import finetune_decoder
-from ir_lora import methods, models, runner
-from ir_lora.colora import allocate_ranks, files, uniform_rank_for_budget
+from configs import colora_contributions, finetune_decoder
+from ir_lora import methods, models, services
+from ir_lora.methods.colora import allocate_ranks, files, uniform_rank_for_budget
+from ir_lora.methods.colora import stages as colora_stages
 from ir_lora.peft import partition
+from ir_lora.stages import registry
 
 VARIANT = "nafnet-tiny"
 
@@ -70,7 +72,7 @@ def test_colora_trains_the_allocated_adapters_and_bias_norm(tmp_path):
 def test_colora_ranks_file_errors_name_the_problem(tmp_path):
     config = colora_config.get_config()
     model = models.build(VARIANT)
-    with pytest.raises(ValueError, match="needs config.colora.ranks"):
+    with pytest.raises(ValueError, match="needs config.colora.ranks.*colora stage"):
         methods.build(config, model, image_shape=(1, 8, 8, 3))
     config.unlock()
     config.colora.ranks = str(tmp_path / "missing.json")
@@ -115,7 +117,7 @@ def test_decoder_only_freezes_encoder_and_middle():
 
 
 # ---------------------------------------------------------------------------------------------
-# Through train.py's runner, with a tiny backbone and a folder of noisy pairs.
+# Through train.py's stages, with a tiny backbone and a folder of noisy pairs.
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,7 @@ def task(tmp_path_factory):
     # Replicated over every device, as a trainer's export is (orbax restores that sharding).
     mesh = jax.sharding.Mesh(jax.devices(), ("data",))
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    backbone = runner.export_params(params, str(root / "backbone"))
+    backbone = services.export_params(params, str(root / "backbone"))
     return root, backbone
 
 
@@ -162,9 +164,9 @@ def _tiny(config, task, tmp_path):
 
 
 def test_contributions_stage_writes_files_whose_ranks_load_back(task, tmp_path):
-    config = _tiny(colora_config.get_config("contributions"), task, tmp_path)
+    config = _tiny(colora_contributions.get_config(), task, tmp_path)
     config.colora.contribution = "grad_norm"
-    out = runner.train_and_evaluate(config, str(tmp_path / "ranks"))
+    out = registry.train(config, str(tmp_path / "ranks"))
     written = out["files"]
     for name in ("contributions.json", "ranks.json", "ranks.txt"):
         assert os.path.isfile(tmp_path / "ranks" / name)
@@ -186,14 +188,16 @@ def test_colora_one_command_from_faig_to_adapters_only_checkpoint(task, tmp_path
     config = _tiny(colora_config.get_config(), task, tmp_path)
     config.lock()
     workdir = tmp_path / "run"
-    out = runner.train_and_evaluate(config, str(workdir))
+    out = registry.train(config, str(workdir))
 
     ranks_path = workdir / "colora" / "ranks.json"
     ranks = files.read_ranks_file(str(ranks_path))
     assert ranks["tune_bias_norm"] and out["report"].trainable == ranks["trainable_params"]
     # The probe's full fine-tune leaves no full-size checkpoint behind.
     assert not (workdir / "colora" / "probe" / "checkpoints").exists()
-    variables, adaptation, step = runner.restore_trained(config, str(workdir))
+    variables, adaptation, step = services.restore_trained(
+        colora_stages.with_ranks(config, str(workdir), compute_missing=False), str(workdir)
+    )
     assert step == 2
     trainable, _ = adaptation.method.init_fn(jax.random.key(0), variables["params"])
     assert _size(trainable) == ranks["trainable_params"]

@@ -13,8 +13,8 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ir_lora import colora
-from ir_lora.colora import plot
+from ir_lora.methods import colora
+from ir_lora.methods.colora import plot
 
 # ---------------------------------------------------------------------------------------------
 # A tiny NAFNet-shaped conv net: dense 3x3, depthwise 3x3, 1x1, biases, LayerNorms, a variable.

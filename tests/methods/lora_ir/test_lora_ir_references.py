@@ -1,4 +1,4 @@
-"""method = moe checkpoints reference their router: recorded, used when the config omits it,
+"""method = lora_ir checkpoints reference their router: recorded, used when the config omits it,
 and a different or changed router refused with both paths named."""
 
 import os
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import moe_experts
-from ir_lora import checkpointing, models, routing, runner
+from configs import lora_ir_experts
+from ir_lora import checkpointing, models, services
+from ir_lora.methods.lora_ir import routing
+from ir_lora.stages import registry
 
 SIZE = 16
 
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def _config(root, router: str):
-    config = moe_experts.get_config()
+    config = lora_ir_experts.get_config()
     config.unlock()
     config.model.variant, config.model.overrides = "nafnet-tiny", {}
     # Paired data: no PROD in the train step, a smaller program to compile.
@@ -31,8 +33,8 @@ def _config(root, router: str):
     config.data.gt_size, config.data.batch_size = SIZE, 8  # divisible by the 8 test devices
     config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 1, 1, 1
     config.optimizer.warmup_steps = 0
-    config.moe.classes = ("noise", "jpeg")
-    config.prod.ops = ["noise", "jpeg"]
+    config.lora_ir.classes = ("noise", "jpeg")
+    config.prod.ops = ("noise", "jpeg")
     config.router.widths, config.router.embed_dim = (8, 8), 16
     config.router.checkpoint = router
     config.init.checkpoint = str(root / "backbone")
@@ -45,14 +47,14 @@ def _export_router(config, directory, seed: int) -> str:
     """A router's params where `routing.load_router` reads them (`<dir>/export/router`)."""
     model = routing.build_router(config.router)
     params = model.init(jax.random.key(seed), jnp.zeros((1, 64, 64, 3)))["params"]
-    runner.export_params(params, os.path.join(directory, routing.EXPORT_DIR))
+    services.export_params(params, os.path.join(directory, routing.EXPORT_DIR))
     return str(directory)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A one-step experts-stage run against router A; router B exists beside it."""
-    root = tmp_path_factory.mktemp("moe_refs")
+    root = tmp_path_factory.mktemp("lora_ir_refs")
     rng = np.random.default_rng(0)
     for kind in ("gt", "lq"):
         os.makedirs(root / "pairs" / "train" / kind)
@@ -61,13 +63,13 @@ def trained(tmp_path_factory):
             Image.fromarray(pixels).save(root / "pairs" / "train" / kind / f"{name}.png")
     model = models.build("nafnet-tiny")
     params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
-    runner.export_params(params, root / "backbone")
+    services.export_params(params, root / "backbone")
     config = _config(root, "")
     router_a = _export_router(config, root / "router_a", seed=1)
     router_b = _export_router(config, root / "router_b", seed=2)
     config.router.checkpoint = router_a
     config.lock()
-    runner.train_and_evaluate(config, str(root / "run"))
+    registry.train(config, str(root / "run"))
     return root, router_a, router_b
 
 
@@ -80,15 +82,15 @@ def test_the_checkpoint_records_the_router_and_restores_from_it(trained):
     assert metadata["backbone"]["path"] == str(root / "backbone")
 
     config = _config(root, "")  # the router left empty: the recorded one is used
-    variables, _, step = runner.restore_trained(config, str(root / "run"))
+    variables, _, step = services.restore_trained(config, str(root / "run"))
     expected, _ = routing.load_router(_config(root, router_a).router)
     assert step == 1
     for got, want in zip(jax.tree.leaves(variables["router"]), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(got, want)
     # Naming the recorded router (its workdir or its export directory) is the same.
-    explicit, _, _ = runner.restore_trained(_config(root, router_a), str(root / "run"))
+    explicit, _, _ = services.restore_trained(_config(root, router_a), str(root / "run"))
     np.testing.assert_array_equal(
-        jax.tree.leaves(explicit["moe"])[0], jax.tree.leaves(variables["moe"])[0]
+        jax.tree.leaves(explicit["experts"])[0], jax.tree.leaves(variables["experts"])[0]
     )
 
 
@@ -96,7 +98,7 @@ def test_another_router_or_a_changed_one_is_refused_naming_both_paths(trained, t
     root, router_a, router_b = trained
     recorded = os.path.join(router_a, routing.EXPORT_DIR)
     with pytest.raises(checkpointing.ReferenceMismatchError) as error:
-        runner.restore_trained(_config(root, router_b), str(root / "run"))
+        services.restore_trained(_config(root, router_b), str(root / "run"))
     message = str(error.value)
     assert recorded in message and os.path.join(router_b, routing.EXPORT_DIR) in message
     assert "config.router.checkpoint" in message
@@ -104,7 +106,7 @@ def test_another_router_or_a_changed_one_is_refused_naming_both_paths(trained, t
     # The same content elsewhere is the same router (as for a moved backbone).
     copy = tmp_path / "router_copy"
     shutil.copytree(router_a, copy)
-    runner.restore_trained(_config(root, str(copy)), str(root / "run"))
+    services.restore_trained(_config(root, str(copy)), str(root / "run"))
 
     # The recorded router changed on disk since training: refused, empty config or not.
     shutil.rmtree(recorded)
@@ -112,11 +114,11 @@ def test_another_router_or_a_changed_one_is_refused_naming_both_paths(trained, t
     try:
         for given in ("", router_a):
             with pytest.raises(checkpointing.ReferenceMismatchError, match="has changed") as error:
-                runner.restore_trained(_config(root, given), str(root / "run"))
+                services.restore_trained(_config(root, given), str(root / "run"))
             assert recorded in str(error.value)
         shutil.rmtree(recorded)  # and gone: named, with where to give the router instead
         with pytest.raises(FileNotFoundError, match="config.router.checkpoint") as error:
-            runner.restore_trained(_config(root, ""), str(root / "run"))
+            services.restore_trained(_config(root, ""), str(root / "run"))
         assert recorded in str(error.value)
     finally:  # the module's run stays restorable for any other test
         shutil.rmtree(recorded, ignore_errors=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from ir_lora.adapters import mixlora
+from ir_lora.peft import mixlora
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -1,4 +1,4 @@
-"""method = moe (LoRA-IR): experts on every conv, routing, DAM, stages, through the backbone."""
+"""method = lora_ir (LoRA-IR): experts on every conv, routing, DAM, stages, through the backbone."""
 
 import json
 import os
@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common, moe_experts, moe_router
-from ir_lora import degradations, methods, models, router_stage, routing, runner
-from ir_lora.methods import moe
+from configs import common, lora_ir_experts, lora_ir_router
+from ir_lora import degradations, methods, models, services
+from ir_lora.methods import lora_ir
+from ir_lora.methods.lora_ir import routing
 from ir_lora.peft import intercept
+from ir_lora.stages import registry
 
 SHAPE = (3, 16, 16, 3)
 
@@ -30,10 +32,9 @@ def _random(tree, seed, scale=0.1):
 
 
 def _setup(*, route="top1", path="branches", train="experts"):
-    config = common.base_config()
-    config.method = "moe"
-    config.moe.route, config.moe.path, config.moe.train = route, path, train
-    config.moe.top_k = 2
+    config = common.training_config("finetune", "lora_ir")
+    config.lora_ir.route, config.lora_ir.path, config.lora_ir.train = route, path, train
+    config.lora_ir.top_k = 2
     model = models.build("nafnet-tiny")
     x = _images()
     params = _random(intercept.eval_shape_init(model, x)["params"], 1)
@@ -50,17 +51,17 @@ def _setup(*, route="top1", path="branches", train="experts"):
 
 def test_identity_at_init_and_what_trains():
     config, model, x, params, adaptation, trainable, frozen = _setup()
-    assert set(trainable) == {"moe", "modulation"} and set(frozen) == {"params", "router"}
+    assert set(trainable) == {"experts", "modulation"} and set(frozen) == {"params", "router"}
     base = model.apply({"params": params}, x)
     out = jax.jit(adaptation.method.apply_fn)(trainable, frozen, x)
     np.testing.assert_allclose(out, base, rtol=1e-5, atol=1e-5)
     # Every conv carries E experts; DAM sits on the encoder and middle stages only.
     convs = [p for p, c in intercept.module_paths(model, x).items() if c == "Conv"]
-    experts = trainable["moe"]
+    experts = trainable["experts"]
     flat = {"/".join(k): v for k, v in _flatten(experts).items()}
     assert {k.rsplit("/", 2)[0] for k in flat} == set(convs)
-    assert all(v.shape[0] == len(config.moe.classes) for v in flat.values())
-    stages = set(trainable["modulation"]) - {moe.PRIOR}
+    assert all(v.shape[0] == len(config.lora_ir.classes) for v in flat.values())
+    stages = set(trainable["modulation"]) - {lora_ir.PRIOR}
     assert stages == {"encoders_0", "encoders_1", "middle_blks"}
 
 
@@ -105,7 +106,7 @@ def test_routing_selects_each_images_expert():
 
     # Through the backbone: only expert e non-zero; images routed elsewhere are unchanged.
     config, model, x, params, _, trainable, _ = _setup()
-    experts = jax.tree.map(lambda v: v, trainable["moe"])
+    experts = jax.tree.map(lambda v: v, trainable["experts"])
     rng = np.random.default_rng(4)
 
     def only_expert(leaf_path, v):
@@ -116,9 +117,9 @@ def test_routing_selects_each_images_expert():
         return jnp.asarray(keep)
 
     experts = jax.tree_util.tree_map_with_path(only_expert, experts)
-    rules = moe.attach_rules(config.moe, weights=weights, prior=None)
+    rules = lora_ir.attach_rules(config.lora_ir, weights=weights, prior=None)
     with intercept.attach(rules):
-        out = model.apply({"params": params, "moe": experts}, x)
+        out = model.apply({"params": params, "experts": experts}, x)
     base = model.apply({"params": params}, x)
     assert float(jnp.abs(out[0] - base[0]).max()) > 1e-3  # routed to "rain"
     np.testing.assert_allclose(out[1:], base[1:], rtol=1e-5, atol=1e-5)
@@ -140,8 +141,8 @@ def test_modulation_widths_scale_with_the_stage():
     for shape in dams.values():
         embed_out = shape[1]
         assert shape[0] == embed and embed_out in {max(1, round(c * 0.25)) for c in (8, 16, 32)}
-    config.moe.dam_hidden = 5
-    assert moe.dam_width(config.moe, 64) == 5
+    config.lora_ir.dam_hidden = 5
+    assert lora_ir.dam_width(config.lora_ir, 64) == 5
 
 
 def _write(folder, names, rng, size=32):
@@ -155,28 +156,30 @@ def test_router_then_experts_through_train_and_eval(tmp_path):
     """Router stage, then the experts stage from a plain backbone; checkpoint = trainable only."""
     rng = np.random.default_rng(0)
     _write(tmp_path / "clean", ["a", "b"], rng)
-    _write(tmp_path / "mixed" / "val" / "gt", ["noise_x"], rng)
-    _write(tmp_path / "mixed" / "val" / "lq", ["noise_x"], rng)
+    _write(tmp_path / "mixed" / "val" / "gt", ["noise__x"], rng)
+    _write(tmp_path / "mixed" / "val" / "lq", ["noise__x"], rng)
 
     def tiny(config):
         config.unlock()
-        config.model.overrides = {}
-        config.model.variant = "nafnet-tiny"
         config.data.source_dir = str(tmp_path / "clean")
         config.data.data_dir = str(tmp_path / "tfds")
         config.data.gt_size, config.data.batch_size = 16, 8  # divisible by the 8 test devices
         config.num_train_steps, config.log_every_steps = 2, 1
         config.optimizer.warmup_steps = 0
-        config.moe.classes = ("noise", "jpeg")
-        config.prod.ops = ["noise", "jpeg"]
+        config.prod.ops = ("noise", "jpeg")
         config.router.widths = (8, 8)
         config.router.embed_dim = 16
+        if "model" in config:  # the router stage has no backbone
+            config.model.overrides = {}
+            config.model.variant = "nafnet-tiny"
+            config.lora_ir.classes = ("noise", "jpeg")
         return config
 
-    router_config = tiny(moe_router.get_config())
+    router_config = tiny(lora_ir_router.get_config())
+    router_config.classes = ("noise", "jpeg")
     router_config.eval_batches = 1
     router_config.lock()
-    summary = router_stage.train(router_config, str(tmp_path / "router"))
+    summary = registry.train(router_config, str(tmp_path / "router"))
     assert 0.0 <= summary["routing_accuracy"] <= 1.0
     written = json.loads((tmp_path / "router" / "router.json").read_text())
     assert written["log"][-1]["step"] == 2
@@ -185,16 +188,17 @@ def test_router_then_experts_through_train_and_eval(tmp_path):
 
     backbone = tmp_path / "backbone"
     model = models.build("nafnet-tiny")
-    runner.export_params(model.init(jax.random.key(0), _images((1, 16, 16, 3)))["params"], backbone)
-    config = tiny(moe_experts.get_config())
-    config.prod.ops = ["noise", "jpeg"]
+    services.export_params(
+        model.init(jax.random.key(0), _images((1, 16, 16, 3)))["params"], backbone
+    )
+    config = tiny(lora_ir_experts.get_config())
     config.init.checkpoint = str(backbone)
     config.router.checkpoint = str(tmp_path / "router")
     config.checkpoint_every_steps = 2
     config.eval.datasets.mixed.source_dir = str(tmp_path / "mixed")
     config.eval.save_comparisons = False
     config.lock()
-    out = runner.train_and_evaluate(config, str(tmp_path / "experts"))
+    out = registry.train(config, str(tmp_path / "experts"))
     assert (
         out["report"].trainable == out["report"].by_label["lora"] + out["report"].by_label["train"]
     )
@@ -203,10 +207,12 @@ def test_router_then_experts_through_train_and_eval(tmp_path):
     state_dir = tmp_path / "experts" / "checkpoints" / "2" / "state"
     saved = json.loads((state_dir / "_METADATA").read_text())["tree_metadata"]
     roots = {k.split("'")[3] for k in saved if "trainable" in k}
-    assert roots == {"moe", "modulation"}
+    assert roots == {"experts", "modulation"}
     assert not any("'params'" in k or "'router'" in k for k in saved)
 
-    again = runner.evaluate(config, workdir=str(tmp_path / "experts"), out_dir=str(tmp_path / "e"))
+    again = registry.get(config).evaluate(
+        config, workdir=str(tmp_path / "experts"), out_dir=str(tmp_path / "e")
+    )
     np.testing.assert_allclose(
         again["datasets"]["mixed"]["mean"]["psnr"],
         out["eval"]["datasets"]["mixed"]["mean"]["psnr"],

@@ -1,12 +1,12 @@
 """Shared pieces of the CoLoRA ablations: data, pre-trainings, fine-tunes, CSV and charts.
 
-Everything goes through `ir_lora.runner` with configs built from `configs/` (as `train.py` runs
-them) and is cached in `--root`: a pre-training or fine-tune whose workdir already holds its
-`result.json` is not run again, so the three scripts share one PROD pre-training and one set of
-fine-tunes when given the same `--root` and sizes.
+Everything goes through the stage registry (`ir_lora.stages.registry`) with configs built from
+`configs/` (as `train.py` runs them) and is cached in `--root`: a pre-training or fine-tune whose
+workdir already holds its `result.json` is not run again, so the three scripts share one PROD
+pre-training and one set of fine-tunes when given the same `--root` and sizes.
 
-Data (offline, scikit-image photographs, see ir_lora/data/samples.py): every photograph but
-`HELD_OUT` is a training photograph; the clean pre-training set is those photographs, and the
+Data (offline, `ir_lora.data.synthetic`): every sample photograph but the held-out ones is a
+training photograph; the clean pre-training set is those photographs, and the
 novel-task training pairs are random `--pair-size` crops of them, degraded with a degradation PROD
 never applies (haze, low light). The held-out photographs, degraded the same way, are the test
 set. The pair sets are nested: the first 16 of the 32 pairs are the 16 pairs, and so on.
@@ -17,24 +17,20 @@ import csv
 import json
 import logging
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+from configs import colora as colora_config
+from configs import finetune_full, pretrain_prod
+from ir_lora import degradations, models, services
+from ir_lora.data import synthetic
+from ir_lora.methods import full
+from ir_lora.methods.colora import files, uniform_rank_for_budget
+from ir_lora.stages import registry
 
-from configs import colora as colora_config  # noqa: E402
-from configs import finetune_full, pretrain_prod  # noqa: E402
-from ir_lora import degradations, models, runner  # noqa: E402
-from ir_lora.colora import files, uniform_rank_for_budget  # noqa: E402
-from ir_lora.data import samples  # noqa: E402
-from ir_lora.methods import full  # noqa: E402
-from ir_lora.quickstart import _save, _shrink, _to_uint8  # noqa: E402
-
-HELD_OUT = ("chelsea", "coffee")
 TASKS = ("haze", "low_light")
 # Degradation parameter ranges of the novel tasks, drawn uniformly per pair [R].
 TASK_RANGES = {
@@ -88,7 +84,7 @@ def _tfds_dir(args, source_dir: str) -> str:
     return os.path.join(os.path.abspath(args.root), "tfds", os.path.basename(source_dir))
 
 
-def _common(config, args, steps: int) -> None:
+def _apply_sizes(config, args, steps: int) -> None:
     config.unlock()
     _model(config, args)
     config.seed = args.seed
@@ -113,22 +109,15 @@ def _degrade(task: str, key, clean: np.ndarray) -> np.ndarray:
     }
     image = jnp.asarray(clean, jnp.float32) / 255.0
     op = degradations.haze if task == "haze" else degradations.low_light
-    return _to_uint8(op(keys[0], image, **draws))
-
-
-def _photos(args):
-    photos = {n: _shrink(p, args.photos_max_side) for n, p in samples.sample_photos()}
-    train = {n: p for n, p in photos.items() if n not in HELD_OUT}
-    return train, {n: photos[n] for n in HELD_OUT}
+    return synthetic.to_uint8(op(keys[0], image, **draws))
 
 
 def clean_folder(args) -> str:
     """The pre-training photographs (held-out ones excluded)."""
     folder = os.path.join(os.path.abspath(args.root), "data", "clean")
     if not os.path.isdir(folder):
-        train, _ = _photos(args)
-        for name, pixels in train.items():
-            _save(os.path.join(folder, f"{name}.png"), pixels)
+        train, _ = synthetic.photos(args.photos_max_side)
+        synthetic.write_clean(folder, train)
     return folder
 
 
@@ -139,24 +128,15 @@ def task_folder(args, task: str, num_pairs: int) -> str:
     folder = os.path.join(os.path.abspath(args.root), "data", f"{task}_{num_pairs}")
     if os.path.isdir(folder):
         return folder
-    train, held_out = _photos(args)
-    names = sorted(train)
+    train, held_out = synthetic.photos(args.photos_max_side)
     rng = np.random.default_rng(args.seed)
     key = jax.random.fold_in(jax.random.key(args.seed), TASKS.index(task))
-    size = args.pair_size
-    for i in range(num_pairs):
-        pixels = train[names[i % len(names)]]
-        top = rng.integers(0, pixels.shape[0] - size + 1)
-        left = rng.integers(0, pixels.shape[1] - size + 1)
-        crop = np.ascontiguousarray(pixels[top : top + size, left : left + size])
-        _save(os.path.join(folder, "train", "gt", f"pair{i:03d}.png"), crop)
+    for i, crop in synthetic.random_crops(train, num_pairs, args.pair_size, rng):
         lq = _degrade(task, jax.random.fold_in(key, i), crop)
-        _save(os.path.join(folder, "train", "lq", f"pair{i:03d}.png"), lq)
+        synthetic.write_pair(folder, "train", synthetic.pair_name(i), crop, lq)
     for j, name in enumerate(sorted(held_out)):
-        pixels = held_out[name]
-        _save(os.path.join(folder, "val", "gt", f"{name}.png"), pixels)
-        lq = _degrade(task, jax.random.fold_in(key, 10_000 + j), pixels)
-        _save(os.path.join(folder, "val", "lq", f"{name}.png"), lq)
+        lq = _degrade(task, jax.random.fold_in(key, 10_000 + j), held_out[name])
+        synthetic.write_pair(folder, "val", f"{name}.png", held_out[name], lq)
     return folder
 
 
@@ -195,23 +175,23 @@ def _claim(workdir: str) -> bool:
 def pretrain(args, kind: str) -> str:
     """The backbone of pre-training `kind` (`PRETRAININGS`), trained once; its export dir."""
     workdir = os.path.join(os.path.abspath(args.root), "pretrain", kind)
-    export = os.path.join(workdir, runner.EXPORT_DIR)
+    export = os.path.join(workdir, services.EXPORT_DIR)
     if os.path.isfile(os.path.join(workdir, "result.json")) or not _claim(workdir):
         return export
     config = pretrain_prod.get_config()
-    _common(config, args, args.pretrain_steps)
+    _apply_sizes(config, args, args.pretrain_steps)
     config.optimizer.lr = args.pretrain_lr
     config.data.source_dir = clean_folder(args)
     config.data.data_dir = _tfds_dir(args, config.data.source_dir)
     if kind == "random_init":
-        model = runner.build_model(config)
+        model = services.build_model(config)
         x = jnp.zeros((1, args.gt_size, args.gt_size, 3), jnp.float32)
-        runner.export_params(model.init(jax.random.key(args.seed), x)["params"], export)
+        services.export_params(model.init(jax.random.key(args.seed), x)["params"], export)
     else:
         config.prod.mode = PROD_MODES[kind]
         config.lock()
         logging.info("Pre-training %s", kind)
-        runner.train_and_evaluate(config, workdir)
+        registry.train(config, workdir)
     _write_json(os.path.join(workdir, "result.json"), {"kind": kind})
     return export
 
@@ -226,7 +206,7 @@ def finetune_config(args, *, backbone: str, data: str, tuning: str, ranks: str =
     """The config of one fine-tune (`TUNINGS`, or "none": the pre-trained model evaluated)."""
     if tuning in ("colora", "lora_uniform"):
         config = colora_config.get_config()
-        _common(config, args, args.finetune_steps)
+        _apply_sizes(config, args, args.finetune_steps)
         config.optimizer.lr = args.adapter_lr
         config.colora.ranks = ranks
         config.colora.budget_fraction = args.budget
@@ -235,7 +215,7 @@ def finetune_config(args, *, backbone: str, data: str, tuning: str, ranks: str =
         config.colora.faig_steps = args.faig_steps
     elif tuning in ("full", "decoder", "none"):
         config = finetune_full.get_config()
-        _common(config, args, args.finetune_steps)
+        _apply_sizes(config, args, args.finetune_steps)
         config.optimizer.lr = args.full_lr
         config.full.train_only = full.DECODER_ONLY if tuning == "decoder" else ()
     else:
@@ -257,7 +237,7 @@ def _uniform_ranks(args, out: str) -> str:
     uniform run waiting for CoLoRA's contributions.
     """
     config = finetune_full.get_config()
-    _common(config, args, 1)
+    _apply_sizes(config, args, 1)
     shapes = models.param_shapes(config.model.variant, **dict(config.model.overrides))
     allocation = uniform_rank_for_budget(shapes, budget_fraction=args.budget, tune_bias_norm=True)
     return files.save_allocation(allocation, out, tune_bias_norm=True)
@@ -279,10 +259,12 @@ def finetune(args, *, pretraining: str, task: str, num_pairs: int, tuning: str) 
     config = finetune_config(args, backbone=backbone, data=data, tuning=tuning, ranks=ranks)
     logging.info("Fine-tuning %s / %s_%d / %s", pretraining, task, num_pairs, tuning)
     if tuning == "none":
-        out = {"eval": runner.evaluate(config, checkpoint=backbone, out_dir=f"{workdir}/eval")}
+        out = {"eval": registry.get(config).evaluate(
+            config, checkpoint=backbone, out_dir=f"{workdir}/eval"
+        )}  # fmt: skip
         out["report"] = None
     else:
-        out = runner.train_and_evaluate(config, workdir)
+        out = registry.train(config, workdir)
     mean = out["eval"]["datasets"]["val"]["mean"]
     report = out["report"]
     result = {

@@ -1,23 +1,19 @@
-"""End to end through the runner, as train.py / eval.py run it: pretrain, export, LoRA, eval."""
+"""The pretrain and finetune stages end to end, as train.py / eval.py run them: pretrain,
+export, LoRA, eval; the stage and method registries."""
 
-import importlib.util
 import json
 import os
 
 import jax
 import numpy as np
 import pytest
+import tiny_training
 from PIL import Image
 
 from configs import common, finetune_lora, pretrain_prod
-from ir_lora import checkpointing, methods, models, runner
+from ir_lora import checkpointing, methods, models, services
 from ir_lora.peft import partition
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_training", os.path.join(os.path.dirname(__file__), "tiny_training.py")
-)
-tiny_training = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_training)
+from ir_lora.stages import registry, training
 
 
 def _write_images(folder, names, rng, size=40):
@@ -59,18 +55,18 @@ def pretrained(folders, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("pretrain")
     config = _tiny(pretrain_prod.get_config(), folders, tmp_path)
     config.data.source_dir = str(folders / "clean")
-    config.prod.ops = ["noise", "jpeg"]  # Fewer operators: a smaller program to compile.
+    config.prod.ops = ("noise", "jpeg")  # Fewer operators: a smaller program to compile.
     config.prod.max_degradations = 2
     config.lock()
-    out = runner.train_and_evaluate(config, str(tmp_path / "run"))
+    out = registry.train(config, str(tmp_path / "run"))
     return tmp_path / "run", out
 
 
 def test_pretrain_exports_params_of_the_model(pretrained):
     workdir, out = pretrained
     assert out["export"] == str(workdir / "export" / "params")
-    config = pretrain_prod.get_config("nafnet-tiny")
-    params, path = runner.load_params(config, str(workdir))
+    config = pretrain_prod.get_config("variant=nafnet-tiny")
+    params, path = services.load_params(config, str(workdir))
     assert path == out["export"]
     want = jax.tree.map(lambda s: s.shape, models.param_shapes("nafnet-tiny"))
     assert jax.tree.map(np.shape, params) == want
@@ -92,7 +88,7 @@ def test_lora_finetune_saves_only_adapters_and_evaluates(pretrained, folders, tm
     config.eval.datasets.val.source_dir = str(folders / "pairs")
     config.lock()
     workdir = tmp_path / "lora"
-    out = runner.train_and_evaluate(config, str(workdir))
+    out = registry.train(config, str(workdir))
 
     report = out["report"]
     assert 0 < report.trainable < report.base
@@ -103,8 +99,8 @@ def test_lora_finetune_saves_only_adapters_and_evaluates(pretrained, folders, tm
     metadata = json.loads((step_dir / "metadata" / "metadata").read_text())
     export = str(pre_workdir / "export" / "params")
     assert metadata["backbone"] == checkpointing.backbone_reference(export)
-    params, _ = runner.load_params(config, export)
-    restored, adaptation, step = runner.restore_trained(config, str(workdir))
+    params, _ = services.load_params(config, export)
+    restored, adaptation, step = services.restore_trained(config, str(workdir))
     assert step == 3
     trainable, frozen = adaptation.method.init_fn(jax.random.key(0), params)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
@@ -112,7 +108,9 @@ def test_lora_finetune_saves_only_adapters_and_evaluates(pretrained, folders, tm
     assert all("lora" in k or "kernel" not in k for k in _paths(trainable))
 
     # eval.py's path restores the same model the run evaluated at its end.
-    again = runner.evaluate(config, workdir=str(workdir), out_dir=str(tmp_path / "again"))
+    again = training.evaluate(config, workdir=str(workdir), out_dir=str(tmp_path / "again"))
+    printed = registry.evaluate(config, workdir=str(workdir), out_dir=str(tmp_path / "printed"))
+    assert "val" in printed and f"{again['datasets']['val']['mean']['psnr']:.2f}" in printed
     trained = out["eval"]["datasets"]["val"]["mean"]
     np.testing.assert_allclose(again["datasets"]["val"]["mean"]["psnr"], trained["psnr"], rtol=1e-6)
     assert (workdir / "eval" / "results.md").exists()
@@ -148,16 +146,19 @@ def test_config_errors_name_the_problem(tmp_path):
     config.unlock()
     config.stage = "pretrain"
     with pytest.raises(ValueError, match="method must be 'full'"):
-        runner.train_and_evaluate(config, str(tmp_path))
+        registry.train(config, str(tmp_path))
     config.stage = "finetune"
     with pytest.raises(ValueError, match="exactly one of config.init.checkpoint"):
-        runner.load_backbone(config)
+        registry.train(config, str(tmp_path))
     config.init.checkpoint = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="No exported params"):
-        runner.load_backbone(config)
+        services.load_backbone(config)
     config.method = "lorra"
     with pytest.raises(ValueError, match="'lorra' is not one of"):
         methods.build(config, models.build("nafnet-tiny"), image_shape=(1, 8, 8, 3))
+    config.stage = "fine-tune"
+    with pytest.raises(ValueError, match=r"config.stage='fine-tune' is not one of \('pretrain'"):
+        registry.train(config, str(tmp_path))
 
 
 def test_eval_dataset_spec_is_a_config_entry():
@@ -165,41 +166,48 @@ def test_eval_dataset_spec_is_a_config_entry():
     assert entry.split == "test" and entry.noise_sigma == 25.0
 
 
-def test_runner_dispatches_through_the_method_registry(monkeypatch, tmp_path):
-    """A method registered with its own stage runs it; the runner knows no method by name."""
+def test_stages_dispatch_through_the_stage_registry(monkeypatch, tmp_path):
+    """A registered stage runs; train.py / eval.py know no stage by name."""
     calls = []
 
-    def own_stage(config, workdir):
-        calls.append(("train", config.method, workdir))
+    def own_training(config, workdir):
+        calls.append(("train", config.stage, workdir))
         return {"eval": "trained"}
 
-    def own_evaluation(config, workdir, *, datasets=None, out_dir=None):
-        calls.append(("eval", workdir, datasets, out_dir))
-        return "evaluated"
+    def own_evaluation(config, *, workdir=None, checkpoint=None, datasets=None, out_dir=None):
+        calls.append(("eval", workdir, checkpoint, datasets, out_dir))
+        return {"score": 1.0}
 
+    stage = registry.Stage(own_training, own_evaluation, summary=lambda r: f"score {r['score']}")
+    monkeypatch.setitem(registry.REGISTRY, "composed", stage)
+    monkeypatch.setitem(registry.REGISTRY, "untested", registry.Stage(own_training))
+    config = finetune_lora.get_config()
+    config.unlock()
+    config.stage = "composed"
+    assert registry.train(config, str(tmp_path)) == {"eval": "trained"}
+    assert registry.evaluate(config, workdir="w", datasets=["val"], out_dir="o") == "score 1.0"
+    assert calls == [("train", "composed", str(tmp_path)), ("eval", "w", None, ["val"], "o")]
+    config.stage = "untested"
+    with pytest.raises(ValueError, match="'untested' has nothing to evaluate"):
+        registry.evaluate(config, workdir="w")
+
+
+def test_pretraining_asks_the_method_registry(monkeypatch, tmp_path):
+    """Pre-training asks the method registry whether the method, as configured, trains the
+    whole backbone; the stage knows no method by name."""
     spec = methods.MethodSpec(
-        parts=None,
+        parts=methods.REGISTRY["lora"].parts,
+        sections={"lora": methods.lora.default_config},
         trains_backbone=lambda config: config.seed == 7,
-        train_and_evaluate=own_stage,
-        evaluate=own_evaluation,
     )
     monkeypatch.setitem(methods.REGISTRY, "composed", spec)
     config = finetune_lora.get_config()
     config.unlock()
-    config.method = "composed"
-    assert runner.train_and_evaluate(config, str(tmp_path)) == {"eval": "trained"}
-    assert runner.evaluate(config, workdir="w", datasets=["val"], out_dir="o") == "evaluated"
-    assert calls == [("train", "composed", str(tmp_path)), ("eval", "w", ["val"], "o")]
-    with pytest.raises(ValueError, match="'composed' is evaluated from its workdir"):
-        runner.evaluate(config, checkpoint="params")
-    with pytest.raises(ValueError, match="'composed' builds no adapters"):
-        methods.build(config, models.build("nafnet-tiny"), image_shape=(1, 8, 8, 3))
-
-    # Pre-training asks the registry whether the method, as configured, trains the backbone.
-    config.stage = "pretrain"
+    config.method, config.stage = "composed", "pretrain"
     assert not methods.trains_backbone(config)
-    with pytest.raises(ValueError, match="method must be 'full' or 'moe' or 'composed'"):
-        runner.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(ValueError, match="method must be 'full' or 'lora_ir' or 'composed'"):
+        registry.train(config, str(tmp_path))
     config.seed = 7
     assert methods.trains_backbone(config)
-    assert runner.train_and_evaluate(config, str(tmp_path)) == {"eval": "trained"}
+    training.check_config(config)  # passes: the stage would now train it
+    assert methods.section_owner("lora") == "lora" and methods.section_owner("router") == "lora_ir"

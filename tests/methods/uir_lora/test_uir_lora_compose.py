@@ -7,9 +7,8 @@ import pytest
 from flax import traverse_util
 
 from ir_lora import models
-from ir_lora.adapters import mixlora
-from ir_lora.peft import intercept, lora
-from ir_lora.uir import compose
+from ir_lora.methods.uir_lora import compose
+from ir_lora.peft import intercept, lora, mixlora
 
 CONFIG = lora.LoraConfig(targets=((r"(.*/)?norm[^/]*", 0), (".*", 2)), alpha=4.0)
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ir_lora.adapters import adaptir
-from ir_lora.adapters.adaptir import AdaptIR
+from ir_lora.methods.adaptir import adapter as adaptir
+from ir_lora.methods.adaptir.adapter import AdaptIR
 
 
 def _init(module, x, seed=0):

@@ -7,8 +7,8 @@ import pytest
 
 from configs import common
 from ir_lora import methods, models
-from ir_lora.adapters import adaptir as adaptir_lib
 from ir_lora.methods import adaptir
+from ir_lora.methods.adaptir import adapter as adaptir_lib
 from ir_lora.models.nafnet import simple_gate
 from ir_lora.peft import intercept
 
@@ -30,8 +30,7 @@ def random_params(model, x, seed=1):
 
 
 def _build(model, shape=SHAPE):
-    config = common.base_config()
-    config.method = "adaptir"
+    config = common.training_config("finetune", "adaptir")
     x = _images(shape)
     params = random_params(model, x)
     adaptation = methods.build(config, model, image_shape=shape)
@@ -103,15 +102,15 @@ def test_adapter_is_beside_the_nafblock_feed_forward():
 
 
 def test_batch_norm_is_refused():
-    config = common.base_config()
-    config.method, config.adaptir.norm = "adaptir", "batch"
+    config = common.training_config("finetune", "adaptir")
+    config.adaptir.norm = "batch"
     with pytest.raises(ValueError, match="adaptir.norm"):
         methods.build(config, models.build("nafnet-tiny"), image_shape=SHAPE)
 
 
 def test_hidden_width_scales_with_the_block():
     """Default: the official IPT ratio (576 -> 24) with a floor of 2; `hidden` fixes it."""
-    section = common.base_config().adaptir
+    section = adaptir.default_config()
     assert [adaptir.hidden_width(d, section) for d in (16, 32, 64, 128, 576)] == [2, 2, 3, 5, 24]
     section.hidden = 6
     assert adaptir.hidden_width(128, section) == 6
