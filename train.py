@@ -1,19 +1,19 @@
 """Trains with an ml-collections config: `python train.py --config configs/NAME.py --workdir DIR`.
 
-Thin entry point; the logic lives in `ir_lora.runner` (stages), `ir_lora.router_stage` (the
-LoRA-IR router), `ir_lora.quickstart` and `ir_lora.allinone` (offline experiments).
-Override any config value on the command line, e.g. `--config.num_train_steps=100`; unknown keys
-are errors that name the nearest valid key.
+Runs `config.stage` (`ir_lora.stages.registry`: pretrain, finetune, colora, lora_ir_allinone,
+uir_lora, quickstart, ...). Override any config value on the command line, e.g.
+`--config.num_train_steps=100` or `--config.model.overrides.width=16`; unknown keys are errors
+that name the nearest valid key (or the method whose section it is).
 """
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from ir_lora import sharding
+from ir_lora import cli, sharding
+from ir_lora.stages import registry
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+cli.define_config_flag()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, event files and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -25,17 +25,8 @@ def main(argv):
     sharding.maybe_initialize_distributed()
     logging.set_verbosity(logging.INFO)
     tfds.disable_progress_bar()  # The trainer has its own; TFDS's bars clutter the logs.
-    from ir_lora import allinone, quickstart, router_stage, runner
-
-    if FLAGS.config.stage == "quickstart":
-        quickstart.run(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.config.stage == "router":
-        router_stage.train(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.config.stage == "allinone":
-        allinone.run(FLAGS.config, FLAGS.workdir)
-    else:
-        runner.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    registry.train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,14 +1,17 @@
 """Shared set-up of the benchmarks: models with random weights, the fine-tuning methods, timing.
 
-The methods are `ir_lora.train_lib.Method`s built the way a user builds them:
+The methods are built through the method registry (`ir_lora.methods.build`) from the configs a
+user runs (`configs/common.py: training_config`):
 
 * `full`: every parameter trains.
 * `lora`: rank `r` on every dense convolution (1x1, 3x3, the strided down/up-sampling convs),
-  depthwise kernels frozen; biases, norms and residual scales train (`partition.lora_rules`).
+  depthwise kernels frozen (explicit `lora.targets`); biases, norms and residual scales train
+  (`lora.tune_bias_norm`).
 * `colora`: the same layers with a fixed non-uniform rank map (`colora_ranks`): higher ranks near
-  the input and the output, about the same number of adapter parameters as `lora`.
+  the input and the output, about the same number of adapter parameters as `lora`; CoLoRA is
+  LoRA with per-layer targets, so it is built as `lora` with those targets.
 * `adaptir`: AdaptIR beside every block's feed-forward path, as `method = "adaptir"` builds it
-  with the default config (`configs/common.py`, section `adaptir`).
+  with the default `adaptir` section.
 
 Weights are random (drawn with numpy from the parameter shapes: no XLA compilation of the
 initialisers), scaled like a trained network so no value underflows to denormals.
@@ -29,9 +32,11 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from configs import common as configs_common
 from ir_lora import losses, methods, train_lib
+from ir_lora.methods import lora as lora_method
 from ir_lora.models import build, nafnet
-from ir_lora.peft import intercept, lora, partition
+from ir_lora.peft import intercept, lora
 
 METHODS = ("full", "lora", "colora", "adaptir")
 OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.0}
@@ -116,35 +121,18 @@ class Setup:
     adapter_params: int
 
 
-def _lora_method(model, params, sample, config, rng, bias_norm):
-    variables = {"params": params, "lora": lora.init_lora(model, config, rng, sample)}
-    # B = 0 would make the branch output exactly zero; non-zero B keeps the timing honest.
-    variables["lora"] = jax.tree.map(lambda v: v + 0.01, variables["lora"])
-    labels = partition.label_tree(variables, partition.lora_rules(tune_bias_norm=bias_norm))
-    trainable, frozen = partition.split(variables, labels)
-
-    def apply_fn(trainable, frozen, images):
-        v = partition.combine(trainable, frozen)
-        return lora.apply(model, v["params"], v["lora"], config, images)
-
-    def init_fn(_):
-        return trainable, frozen
-
-    size = sum(x.size for x in jax.tree.leaves(variables["lora"]))
-    return train_lib.Method(init_fn, apply_fn), size
-
-
-def _adaptir_method(model, params, sample, rng):
-    """AdaptIR as `train.py` builds it (`method = "adaptir"`, the default `adaptir` section)."""
-    from configs import common as configs_common  # noqa: PLC0415 (benchmarks only)
-
-    config = configs_common.base_config()
-    config.method = "adaptir"
+def _registered(config, model, params, sample, rng) -> tuple[train_lib.Method, int]:
+    """The method of `config` built as `train.py` builds it, its init run once, eagerly."""
     adaptation = methods.build(config, model, image_shape=sample.shape)
     trainable, frozen = jax.jit(adaptation.method.init_fn)(rng, params)
-    # The tail is zero at init (identity); non-zero keeps every branch's gradient honest.
-    trainable = jax.tree.map(lambda v: v + 0.01, trainable)
-    size = sum(x.size for x in jax.tree.leaves(trainable))
+    size = 0
+    if config.method != "full":
+        # LoRA's B and AdaptIR's tail are zero at init (identity); non-zero values keep every
+        # branch's output and gradient honest.
+        adapters = {k: v for k, v in trainable.items() if k != "params"}
+        adapters = jax.tree.map(lambda v: v + 0.01, adapters)
+        trainable = {**trainable, **adapters}
+        size = sum(x.size for x in jax.tree.leaves(adapters))
     return train_lib.Method(lambda _: (trainable, frozen), adaptation.method.apply_fn), size
 
 
@@ -163,27 +151,21 @@ def make_setup(
     `overrides` replace constructor fields of the variant (`models.build`), e.g. fewer blocks.
     `bias_norm=False` trains the LoRA factors only (lora, colora), not the biases and norms.
     """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; valid: {METHODS}")
     model = build(variant, **(overrides or {}))
     params = random_params(intercept.eval_shape_init(model, sample)["params"], seed)
     rng = jax.random.key(seed)
-    if method == "full":
-
-        def apply_fn(trainable, frozen, images):
-            del frozen
-            return model.apply({"params": trainable}, images)
-
-        m = train_lib.Method(lambda _: (params, {}), apply_fn)
-        return Setup(method, model, params, m, None, 0)
+    config = configs_common.training_config("finetune", "lora" if method == "colora" else method)
+    lora_config = None
     if method in ("lora", "colora"):
         layers = conv_layers(model, sample)
         ranks = {p: rank for p in layers} if method == "lora" else colora_ranks(layers, rank)
-        config = lora.LoraConfig(targets=lora.targets_from_ranks(ranks))
-        m, size = _lora_method(model, params, sample, config, rng, bias_norm)
-        return Setup(method, model, params, m, config, size)
-    if method == "adaptir":
-        m, size = _adaptir_method(model, params, sample, rng)
-        return Setup(method, model, params, m, None, size)
-    raise ValueError(f"Unknown method {method!r}; valid: {METHODS}")
+        config.lora.targets = lora.targets_from_ranks(ranks)
+        config.lora.tune_bias_norm = bias_norm
+        lora_config = lora_method.lora_config(config.lora)
+    m, size = _registered(config, model, params, sample, rng)
+    return Setup(method, model, params, m, lora_config, size)
 
 
 def make_step(setup: Setup, *, num_train_steps: int = 1000, degrade_fn=None):
@@ -192,19 +174,14 @@ def make_step(setup: Setup, *, num_train_steps: int = 1000, degrade_fn=None):
     tx = train_lib.make_optimizer(
         ml_collections.ConfigDict(OPTIMIZER), num_train_steps=num_train_steps
     )
-    state = train_lib.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        trainable=trainable,
-        opt_state=tx.init(trainable),
-        rng=jax.random.key_data(jax.random.key(0)),
-    )
+    state = train_lib.initial_state(trainable, tx, 0)
     step = jax.jit(
         lambda state, frozen, batch: train_lib.train_step(
             state,
             frozen,
             batch,
             apply_fn=setup.method.apply_fn,
-            loss_fn=losses.psnr_loss,
+            objective=train_lib.restoration_objective(losses.psnr_loss),
             tx=tx,
             degrade_fn=degrade_fn,
         ),

@@ -1,7 +1,7 @@
 """NAFNet in JAX (ir_lora) versus PyTorch eager on the same CPU, timed interleaved in one run.
 
-    python benchmarks/compare_torch.py                        # nafnet-sidd-w32, batch 4 of 128x128
-    python benchmarks/compare_torch.py --batch 2 --size 64 --steps 5 --override \
+    python -m benchmarks.compare_torch                        # nafnet-sidd-w32, batch 4 of 128x128
+    python -m benchmarks.compare_torch --batch 2 --size 64 --steps 5 --override \
         '{"middle_blk_num": 1, "enc_blk_nums": [1, 1, 1, 1], "dec_blk_nums": [1, 1, 1, 1]}'
 
 PyTorch is an optional benchmark dependency. Its NAFNet is the official definition transcribed in
@@ -22,20 +22,15 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.join(ROOT, "tests")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch_reference  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from ir_lora.models import VARIANTS, to_torch, torch_io  # noqa: E402
-from ir_lora.peft import lora  # noqa: E402
+from benchmarks import common
+from ir_lora.models import VARIANTS, to_torch, torch_io
+from ir_lora.peft import lora
+from tests import torch_reference
 
 
 class TorchLoRAConv(torch.nn.Module):

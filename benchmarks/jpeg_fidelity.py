@@ -1,6 +1,6 @@
 """Mean PSNR of `ir_lora.degradations.jpeg` against Pillow's real JPEG codec, per quality.
 
-    python benchmarks/jpeg_fidelity.py [--images astronaut,coffee,chelsea,rocket]
+    python -m benchmarks.jpeg_fidelity [--images astronaut,coffee,chelsea,rocket]
 
 Full-size scikit-image photographs (CC0 / public domain), 4:2:0 subsampling on both sides.
 """

@@ -1,6 +1,6 @@
 """Cost of a LoRA training step on one layer, by how the adapter is computed and differentiated.
 
-    python benchmarks/lora_branch.py [--batch 4 --size 128 --rank 4 --repeats 9]
+    python -m benchmarks.lora_branch [--batch 4 --size 128 --rank 4 --repeats 9]
 
 Each row times `jax.grad` w.r.t. the LoRA factors and the input (as inside a network) of
 `sum(tanh(layer(x)))`, jitted, median of `--repeats` interleaved rounds after one warm-up:
@@ -18,23 +18,17 @@ and its load: compare rows of one run only.
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from ir_lora.models import layers  # noqa: E402
-from ir_lora.peft import intercept, lora  # noqa: E402
+from benchmarks import common
+from ir_lora.models import layers
+from ir_lora.peft import intercept, lora
 
 
 class One(nn.Module):

@@ -1,7 +1,7 @@
 """LoRA training step against the full step, by backward form and by what else trains.
 
-    python benchmarks/lora_step.py                        # nafnet-sidd-w32, batch 4 of 128x128
-    python benchmarks/lora_step.py --override \
+    python -m benchmarks.lora_step                        # nafnet-sidd-w32, batch 4 of 128x128
+    python -m benchmarks.lora_step --override \
         '{"middle_blk_num": 1, "enc_blk_nums": [1, 1, 1, 1], "dec_blk_nums": [1, 1, 1, 1]}'
 
 Rows, all compiled in one process and timed in interleaved rounds (median after one warm-up
@@ -20,20 +20,14 @@ Prints milliseconds per step and the ratio to the full step (benchmarks/NOTES.md
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from ir_lora.peft import lora  # noqa: E402
+from benchmarks import common
+from ir_lora.peft import lora
 
 ROWS = {
     "full": ("full", None, True),

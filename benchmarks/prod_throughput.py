@@ -1,6 +1,6 @@
 """Throughput of the jitted PROD sampler against a host (numpy/scipy/Pillow) pipeline.
 
-    python benchmarks/prod_throughput.py [--batch 16] [--size 256] [--steps 5] [--no-step]
+    python -m benchmarks.prod_throughput [--batch 16] [--size 256] [--steps 5] [--no-step]
 
 Rows, on the current JAX backend: the jitted sampler (default config); a host pipeline doing the
 same operators per image with numpy, scipy.signal.fftconvolve and Pillow's real JPEG (one CPU

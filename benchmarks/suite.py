@@ -1,8 +1,8 @@
 """Training-step, memory and inference benchmarks of the fine-tuning methods, as one table.
 
-    python benchmarks/suite.py                                  # both models, batch 4 of 128x128
-    python benchmarks/suite.py --variants nafnet-sidd-w32 --batch 1 --size 64 --steps 3
-    python benchmarks/suite.py --json results.json
+    python -m benchmarks.suite                                  # both models, batch 4 of 128x128
+    python -m benchmarks.suite --variants nafnet-sidd-w32 --batch 1 --size 64 --steps 3
+    python -m benchmarks.suite --json results.json
 
 Per variant and method (full, lora, colora, adaptir; see `benchmarks/common.py`), each in a fresh
 process so that its peak memory is its own:
@@ -28,16 +28,12 @@ import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from ir_lora import degradations  # noqa: E402
-from ir_lora.peft import lora  # noqa: E402
+from benchmarks import common
+from ir_lora import degradations
+from ir_lora.peft import lora
 
 VARIANTS = ("nafnet-sidd-w32", "restormer")
 INFERENCE_ROUNDS = 21

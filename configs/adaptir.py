@@ -15,8 +15,7 @@ from configs import quickstart
 
 def get_config(arg=None):
     del arg
-    config = quickstart.get_config()
+    config = quickstart.get_config("method=adaptir")
     with config.unlocked():
-        config.finetune.method = "adaptir"
         config.finetune.optimizer.lr = 1e-3
     return config

@@ -1,50 +1,104 @@
-"""Every config section with its defaults; `configs/*.py` start here and override deltas only.
+"""Shared config sections and recipes; every `configs/*.py` builds on these, deltas only.
 
-Sections:
-  stage, method: "pretrain" | "finetune" | "contributions" (also "router", "quickstart",
-    "allinone": train.py); "full" | "lora" | "colora" | "adaptir" | "moe" (see
-    ir_lora/runner.py, ir_lora/methods/), or "multilora" (UIR-LoRA: composes trained LoRA runs;
-    its `multilora` section is `ir_lora.uir.run.default_config()`, example in configs/uirlora.py).
-  model: `variant` from `ir_lora.models.VARIANTS`, `overrides` of its constructor arguments.
-  init: the pre-trained backbone of a fine-tune: `checkpoint` (exported params or a workdir) or
-    `torch` (an official `.pth`, with `torch_key` to pick `params`/`params_ema`).
-  lora: `rank` and `alpha` (0 = alpha equal to rank, scale 1) for every conv, or explicit ordered
-    `targets` of [regex, rank]; `tune_bias_norm` trains biases/norms too; `also_train` lists
-    further param-path regexes trained fully.
-  full: `train_only`, regexes over "params/..." paths; when given, only those parameters train
-    (`ir_lora.methods.full.DECODER_ONLY` is decoder-only tuning).
-  colora: CoLoRA (ir_lora/colora/pipeline.py). `ranks`: a ranks JSON from the contributions
-    stage; empty: a finetune run computes it first into <workdir>/colora/. Contributions:
-    `contribution` "faig" (needs a brief full fine-tune of `probe_steps` at `probe_lr`; FAIG
-    with `faig_steps` Riemann steps, `per_image` as the official code) or "grad_norm" (no
-    fine-tune), over `num_batches` training batches, reduced per layer by `reduce`/`filter`.
-    Ranks: `rule` "delta" | "proportional" under `budget_fraction` of the backbone, with
-    `normalize`, `beta`, `delta_min`, `r_min`, `tolerance` (`ir_lora.colora.allocate_ranks`).
-    Adapters: `alpha` (0: scale 1), `tune_bias_norm`, `also_train` as for `lora`.
-  adaptir: AdaptIR beside every feed-forward path (ir_lora/methods/adaptir.py): hidden width
-    `hidden` (0: max(min_hidden, round(width * hidden_ratio)) per block; default ratio 1/24,
-    the official IPT adapter's), `rank` (0: hidden // 2),
-    channel-gate `reduction`, `norm` ("layer" or "none").
-  moe: LoRA-IR (ir_lora/methods/moe.py): `classes` (degradation names, one expert each), expert
-    `rank` and `alpha` (0: scale 1), `route` ("top1" | "topk" | "soft") with `top_k`, execution
-    `path` ("branches" | "merged"), `train` ("experts" | "backbone"), `modulation` (DAM on),
-    its widths: `prior_features` (0: the router embedding's), `dam_hidden` (0: max(1,
-    round(C * dam_ratio)) for a stage of C channels), `dam_reduction` (gate squeeze C // it).
-  router: the degradation router (ir_lora/routing.py): `checkpoint` (a router workdir),
-    `encoder` ("" = the small CNN with `widths`, `embed_dim`; or a registered frozen encoder
-    with the multi-view MLP `mlp_widths`).
-  prod: the PROD sampler (`ir_lora.degradations.default_config()`), used when pre-training.
-  data: training set (`ir_lora.data.prepare` names, see data/README.md), crop `gt_size`, global
-    `batch_size`, BasicSR augmentation flags, `noise_sigma` (0..255; 0 = none) for clean sets.
-  eval: datasets evaluated after training (name -> {dataset, source_dir, split, noise_sigma})
-    and the BasicSR metric settings.
-  The trainer keys (seed, num_train_steps, logging/checkpoint intervals, loss, optimizer, fsdp)
-  are documented in `ir_lora.trainer.default_config`.
+A config holds the shared sections, plus the sections of the one method it selects (and of its
+stage), and nothing else, so an override of a section the run does not use is an error:
+
+* trainer keys (`ir_lora.trainer.default_config`): seed, num_train_steps, logging, checkpoint
+  and eval intervals, loss, optimizer, fsdp; and `stage` (`ir_lora.stages.registry`);
+* `data` (`with_data`): the training set (`ir_lora.data.prepare` names, see data/README.md),
+  crop `gt_size`, global `batch_size`, BasicSR augmentation flags, `noise_sigma` (0..255; 0 =
+  none) for clean sets, `degrade = "prod"` to synthesise the inputs with PROD inside the step
+  (section `prod`, `with_prod`);
+* the backbone (`with_backbone`): `model` (`variant` from `ir_lora.models.VARIANTS`, and
+  constructor `overrides`: any field, e.g. `--config.model.overrides.width=16`), `init` (the
+  pre-trained backbone: `checkpoint`, exported params or a workdir; or `torch`, an official
+  `.pth`, with `torch_key` to pick `params`/`params_ema`), `eval` (datasets evaluated after
+  training, name -> `eval_dataset(...)`, and the BasicSR metric settings) and `export`;
+* `method` and its sections (`with_method`; each method package documents its own, e.g.
+  `ir_lora.methods.lora.default_config`). `training_config` is all of these.
+
+`arg`, the text after ":" in `--config=configs/NAME.py:ARG`, always means the same thing: a
+comma-separated list of `key=value` settings that the config file documents (big_vision's
+convention), e.g. `configs/pretrain_prod.py:variant=restormer`; `parse_arg` reads it.
 """
+
+import ast
 
 import ml_collections
 
-from ir_lora import degradations, trainer
+from ir_lora import degradations, methods, trainer
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """The `key=value,...` settings of a config's `arg` over `defaults` (their types kept).
+
+    Raises:
+      ValueError: a key that is not in `defaults` (the message lists them) or a malformed item.
+    """
+    settings = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults:
+            raise ValueError(
+                f"config arg {item!r}: expected key=value with key one of {sorted(defaults)}"
+            )
+        default = defaults[key]
+        if isinstance(default, bool):
+            settings[key] = value.strip().lower() in ("1", "true", "yes")
+        elif isinstance(default, int | float):
+            settings[key] = type(default)(ast.literal_eval(value.strip()))
+        else:
+            settings[key] = value.strip()
+    return settings
+
+
+def trainer_config(stage: str) -> ml_collections.ConfigDict:
+    """The trainer keys and the stage: what every stage that trains reads."""
+    config = trainer.default_config()
+    config.stage = stage
+    return config
+
+
+def with_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The training data section (`ir_lora.services.train_iterator`)."""
+    config.data = ml_collections.ConfigDict(
+        {
+            "dataset": "paired",
+            "source_dir": "",
+            "data_dir": "",  # prepared TFDS data; default <workdir>/tfds
+            "split": "train",
+            "gt_size": 256,
+            "batch_size": 8,
+            "use_hflip": True,
+            "use_rot": True,
+            "noise_sigma": 0.0,
+            "degrade": "",  # "prod": PROD synthesises the inputs inside the step
+        }
+    )
+    return config
+
+
+def with_backbone(config: ml_collections.ConfigDict, variant: str = "nafnet-sidd-w32"):
+    """The backbone (`model`, `init`) and its evaluation (`eval`, `export`) sections."""
+    config.export = True
+    config.model = ml_collections.ConfigDict(
+        {"variant": variant, "overrides": ml_collections.ConfigDict()}
+    )
+    config.init = ml_collections.ConfigDict({"checkpoint": "", "torch": "", "torch_key": ""})
+    config.eval = ml_collections.ConfigDict(
+        {
+            "datasets": ml_collections.ConfigDict(),
+            "crop_border": 0,
+            "test_y_channel": False,
+            "tile": 0,  # 0: whole images
+            "tile_overlap": 32,
+            "pad_multiple": 16,
+            "save_images": False,
+            "save_comparisons": True,
+        }
+    )
+    return config
 
 
 def eval_dataset(dataset: str, source_dir: str, split: str = "val", noise_sigma: float = 0.0):
@@ -54,109 +108,35 @@ def eval_dataset(dataset: str, source_dir: str, split: str = "val", noise_sigma:
     )
 
 
-def base_config() -> ml_collections.ConfigDict:
-    config = trainer.default_config()
-    config.stage = "finetune"
-    config.method = "lora"
-    config.export = True
-
-    config.model = ml_collections.ConfigDict()
-    config.model.variant = "nafnet-sidd-w32"
-    config.model.overrides = ml_collections.ConfigDict()
-
-    config.init = ml_collections.ConfigDict()
-    config.init.checkpoint = ""
-    config.init.torch = ""
-    config.init.torch_key = ""
-
-    config.lora = ml_collections.ConfigDict()
-    config.lora.rank = 4
-    config.lora.alpha = 0.0
-    config.lora.targets = ()
-    config.lora.tune_bias_norm = True
-    config.lora.also_train = ()
-
-    config.full = ml_collections.ConfigDict()
-    config.full.train_only = ()
-
-    config.colora = ml_collections.ConfigDict()
-    config.colora.ranks = ""
-    config.colora.budget_fraction = 0.07
-    config.colora.contribution = "faig"
-    config.colora.probe_steps = 200
-    config.colora.probe_lr = 2e-4
-    config.colora.faig_steps = 20
-    config.colora.per_image = True
-    config.colora.num_batches = 2
-    config.colora.reduce = "mean_filter"
-    config.colora.filter = "output"
-    config.colora.rule = "delta"
-    config.colora.normalize = "max"
-    config.colora.beta = 0.0
-    config.colora.delta_min = 0.0
-    config.colora.r_min = 0
-    config.colora.tolerance = 0.01
-    config.colora.alpha = 0.0
-    config.colora.tune_bias_norm = True
-    config.colora.also_train = ()
-
-    config.adaptir = ml_collections.ConfigDict()
-    config.adaptir.hidden = 0
-    config.adaptir.hidden_ratio = 1 / 24
-    config.adaptir.min_hidden = 2
-    config.adaptir.rank = 0
-    config.adaptir.reduction = 4
-    config.adaptir.norm = "layer"
-
-    config.moe = ml_collections.ConfigDict()
-    config.moe.classes = ("blur", "noise", "rain", "jpeg")
-    config.moe.rank = 4
-    config.moe.alpha = 0.0
-    config.moe.route = "top1"
-    config.moe.top_k = 1
-    config.moe.path = "branches"
-    config.moe.train = "experts"
-    config.moe.modulation = True
-    config.moe.prior_features = 0
-    config.moe.dam_hidden = 0
-    config.moe.dam_ratio = 0.25
-    config.moe.dam_reduction = 16
-
-    config.router = ml_collections.ConfigDict()
-    config.router.checkpoint = ""
-    config.router.encoder = ""
-    config.router.widths = (16, 32, 64, 64)
-    config.router.embed_dim = 64
-    config.router.mlp_widths = (768, 384)
-
-    config.prod = degradations.default_config()
-
-    config.data = ml_collections.ConfigDict()
-    config.data.dataset = "paired"
-    config.data.source_dir = ""
-    config.data.data_dir = ""  # prepared TFDS data; default <workdir>/tfds
-    config.data.split = "train"
-    config.data.gt_size = 256
-    config.data.batch_size = 8
-    config.data.use_hflip = True
-    config.data.use_rot = True
-    config.data.noise_sigma = 0.0
-    config.data.degrade = ""  # "prod": PROD synthesises the inputs of a fine-tune too
-
-    config.eval = ml_collections.ConfigDict()
-    config.eval.datasets = ml_collections.ConfigDict()
-    config.eval.crop_border = 0
-    config.eval.test_y_channel = False
-    config.eval.tile = 0  # 0: whole images
-    config.eval.tile_overlap = 32
-    config.eval.pad_multiple = 16
-    config.eval.save_images = False
-    config.eval.save_comparisons = True
+def with_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+    """Selects `method` and adds its sections (`MethodSpec.sections`) with their defaults."""
+    config.method = method
+    for name, defaults in methods.spec(method).sections.items():
+        config[name] = defaults()
     return config
 
 
+def with_prod(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """PROD synthesises the training inputs inside the step, from clean `images` crops."""
+    config.prod = degradations.default_config()
+    config.data.dataset = "images"
+    config.data.degrade = "prod"
+    return config
+
+
+def training_config(stage: str, method: str, variant: str = "nafnet-sidd-w32"):
+    """A stage that trains `method` on a backbone: trainer keys, data, model, init, eval."""
+    config = with_backbone(with_data(trainer_config(stage)), variant)
+    return with_method(config, method)
+
+
+def pretrain_config(method: str = "full", variant: str = "nafnet-sidd-w32"):
+    """PROD pre-training from scratch on a folder of clean images."""
+    return with_prod(training_config("pretrain", method, variant))
+
+
 def small_nafnet(config) -> None:
-    """The CPU-size NAFNet of the quickstart and the adapter experiments (width 16, 3 levels)."""
+    """The CPU-size NAFNet of the offline experiments (width 16, 3 levels, 289k parameters)."""
     config.model.variant = "nafnet-tiny"
     config.model.overrides.width = 16
     config.model.overrides.enc_blk_nums = (1, 1, 1)
@@ -164,9 +144,20 @@ def small_nafnet(config) -> None:
     config.model.overrides.dec_blk_nums = (1, 1, 1)
 
 
-def one_degradation_per_image(config) -> None:
-    """PROD applies exactly one of `config.moe.classes` to each training crop (all-in-one data)."""
-    config.prod.ops = list(config.moe.classes)
+def cpu_recipe(config, *, steps: int, checkpoint_every: int, warmup: int, lr: float = 2e-3):
+    """The offline experiments' CPU schedule: 64x64 crops in batches of 8, AdamW at `lr`."""
+    config.data.gt_size = 64
+    config.data.batch_size = 8
+    config.num_train_steps = steps
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = checkpoint_every
+    config.optimizer.lr = lr
+    config.optimizer.warmup_steps = warmup
+
+
+def one_degradation_per_image(config, classes) -> None:
+    """PROD applies exactly one of `classes` to each training crop (all-in-one data)."""
+    config.prod.ops = tuple(classes)
     config.prod.mode = "single"
     config.prod.min_degradations = 1
     config.prod.max_degradations = 1

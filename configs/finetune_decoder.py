@@ -5,7 +5,7 @@
       --config.eval.datasets.val.source_dir=/path/to/pairs
 
 Only the parameters under `ir_lora.methods.full.DECODER_ONLY` (NAFNet: ups_*, decoders_*,
-ending) train; encoder, middle blocks and intro stay frozen.
+ending) train; encoder, middle blocks and intro stay frozen. `arg`: `variant=NAME`.
 """
 
 from configs import finetune_full
@@ -14,7 +14,6 @@ from ir_lora.methods import full
 
 def get_config(arg=None):
     config = finetune_full.get_config(arg)
-    config.unlock()
-    config.full.train_only = full.DECODER_ONLY
-    config.lock()
+    with config.unlocked():
+        config.full.train_only = full.DECODER_ONLY
     return config

@@ -1,17 +1,23 @@
 """Train state, optimizer and the one jitted train step, independent of the model and method.
 
-A *method* (full fine-tuning, LoRA, AdaptIR, ...) is two pure functions:
+A *method* (full fine-tuning, LoRA, AdaptIR, a degradation router, ...) is two pure functions:
 
   init_fn(rng, *init_args) -> (trainable, frozen)
-  apply_fn(trainable, frozen, images) -> restored
+  apply_fn(trainable, frozen, inputs) -> prediction
 
 `init_args` are arrays the caller already holds (e.g. a pre-trained backbone read from disk): they
 enter the jitted init as arguments, never as constants baked into the program.
 
+What the prediction is scored against is the method's *objective*, `(prediction, targets) ->
+(loss, {metric: per-example or scalar values})`; `targets` is the batch without its input plus
+the degradation labels. Restoration methods use `restoration_objective(loss_fn)` (the loss
+against `gt`, PSNR as the metric); a router is trained with a classification objective on the
+labels.
+
 The loss differentiates only `trainable`; `frozen` is an ordinary jit argument that is never
 differentiated and never donated, so the optimizer state and checkpoints hold only the trainable
 tree. An optional `degrade_fn(rng, clean) -> (lq, labels)` (e.g. the PROD sampler) synthesises the
-low-quality input inside the step from clean `gt` batches.
+input inside the step from clean `gt` batches; its labels join the targets as `labels`.
 """
 
 import dataclasses
@@ -30,17 +36,23 @@ from ir_lora import sharding as sharding_lib
 
 Batch = dict[str, jax.Array]
 InitFn = Callable[[jax.Array], tuple[Any, Any]]
-ApplyFn = Callable[[Any, Any, jax.Array], jax.Array]
+ApplyFn = Callable[[Any, Any, jax.Array], Any]
 DegradeFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
+Objective = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """The functions that define what is trained (see the module docstring)."""
+    """The functions that define what is trained (see the module docstring).
+
+    `objective` None means restoration: the trainer scores the prediction against `gt` with the
+    configured loss (`restoration_objective`).
+    """
 
     init_fn: InitFn
     apply_fn: ApplyFn
     degrade_fn: DegradeFn | None = None
+    objective: Objective | None = None
 
 
 @flax.struct.dataclass
@@ -60,18 +72,42 @@ class TrainState:
     rng: jax.Array
 
 
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-    """Per-step measurements; `merge` averages loss/psnr over steps and keeps the last norms."""
-
-    loss: clu_metrics.Average.from_output("loss")
-    psnr: clu_metrics.Average.from_output("psnr")
-    l2_grads: clu_metrics.LastValue.from_output("l2_grads")
-    l2_updates: clu_metrics.LastValue.from_output("l2_updates")
-    l2_params: clu_metrics.LastValue.from_output("l2_params")
-    learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+# Measured by every step whatever the objective; `merge` keeps the last norms.
+_STEP_METRICS = {
+    "loss": clu_metrics.Average.from_output("loss"),
+    "l2_grads": clu_metrics.LastValue.from_output("l2_grads"),
+    "l2_updates": clu_metrics.LastValue.from_output("l2_updates"),
+    "l2_params": clu_metrics.LastValue.from_output("l2_params"),
+    "learning_rate": clu_metrics.LastValue.from_output("learning_rate"),
     # Fraction of merged steps whose loss or gradients were NaN/Inf: anything above 0 stops a run.
-    nonfinite: clu_metrics.Average.from_output("nonfinite")
+    "nonfinite": clu_metrics.Average.from_output("nonfinite"),
+}
+
+
+@functools.cache
+def metrics_class(names: tuple[str, ...]) -> type[clu_metrics.Collection]:
+    """The per-step metrics `Collection`: the step's own plus the objective's `names`, which
+    `merge` averages over steps."""
+    clash = set(names) & set(_STEP_METRICS)
+    if clash:
+        raise ValueError(f"objective metrics {sorted(clash)} clash with the step's own metrics")
+    own = {name: clu_metrics.Average.from_output(name) for name in names}
+    return clu_metrics.Collection.create(**_STEP_METRICS, **own)
+
+
+# The restoration methods' metrics: loss and PSNR averaged over steps, the last norms.
+TrainMetrics = metrics_class(("psnr",))
+
+
+def initial_state(trainable: Any, tx: optax.GradientTransformation, rng) -> TrainState:
+    """The state at step 0 of `trainable` (unplaced; `create_train_state` makes one born sharded
+    on a mesh); `rng` is an int seed or a PRNG key."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        opt_state=tx.init(trainable),
+        rng=_to_key_data(rng),
+    )
 
 
 def make_schedule(config, *, num_train_steps: int) -> optax.Schedule:
@@ -133,6 +169,15 @@ def psnr(pred: jax.Array, target: jax.Array) -> jax.Array:
     return -10.0 * jnp.log10(jnp.maximum(err, 1e-10))
 
 
+def restoration_objective(loss_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> Objective:
+    """`loss_fn(restored, gt)` (e.g. from `losses.get`), with PSNR against `gt` as the metric."""
+
+    def objective(restored, targets):
+        return loss_fn(restored, targets["gt"]), {"psnr": psnr(restored, targets["gt"])}
+
+    return objective
+
+
 def _to_key_data(rng) -> jax.Array:
     if isinstance(rng, int):
         return jax.random.key_data(jax.random.key(rng))
@@ -175,13 +220,7 @@ def create_train_state(
     def init(key_data, init_args):
         init_key, state_key = jax.random.split(jax.random.wrap_key_data(key_data))
         trainable, frozen = init_fn(init_key, *init_args)
-        state = TrainState(
-            step=jnp.zeros((), jnp.int32),
-            trainable=trainable,
-            opt_state=tx.init(trainable),
-            rng=jax.random.key_data(state_key),
-        )
-        return state, frozen
+        return initial_state(trainable, tx, state_key), frozen
 
     init_args = tuple(init_args)
     abstract_state, abstract_frozen = jax.eval_shape(init, key_data, init_args)
@@ -216,28 +255,30 @@ def train_step(
     batch: Batch,
     *,
     apply_fn: ApplyFn,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    objective: Objective,
     tx: optax.GradientTransformation,
     degrade_fn: DegradeFn | None = None,
     learning_rate_fn: optax.Schedule | None = None,
-) -> tuple[TrainState, TrainMetrics]:
+) -> tuple[TrainState, clu_metrics.Collection]:
     """One optimizer update on `batch` (pure; bind keywords with `functools.partial`, then jit).
 
     Args:
       state: the current state.
       frozen: the non-differentiated tree passed to `apply_fn`.
-      batch: `{"lq", "gt"}` NHWC float32 in [0, 1]; only `{"gt"}` when `degrade_fn` is given.
-      apply_fn: `(trainable, frozen, images) -> restored`.
-      loss_fn: `(restored, gt) -> scalar`, e.g. from `losses.get`.
+      batch: `{"lq", ...targets}` NHWC float32 in [0, 1]; without `lq` when `degrade_fn` makes
+        it from `gt`.
+      apply_fn: `(trainable, frozen, inputs) -> prediction`.
+      objective: `(prediction, targets) -> (loss, metrics)`, e.g. `restoration_objective`;
+        `targets` is `batch` without `lq`, plus `labels` from `degrade_fn`.
       tx: the optimizer `state.opt_state` belongs to.
       degrade_fn: `(rng, gt) -> (lq, labels)`; its rng is derived from `state.rng` and the step.
       learning_rate_fn: the schedule, only to report the learning rate of this step.
 
     Returns:
-      The new state and this step's `TrainMetrics`.
+      The new state and this step's metrics (`metrics_class` of the objective's metric names).
     """
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    gt = batch["gt"]
+    targets = {k: v for k, v in batch.items() if k != "lq"}
     if degrade_fn is None:
         if "lq" not in batch:
             raise ValueError(f"batch has keys {sorted(batch)}; without degrade_fn it needs 'lq'")
@@ -245,25 +286,26 @@ def train_step(
     else:
         if "lq" in batch:
             raise ValueError("batch has 'lq' but degrade_fn synthesises it: pass only 'gt'")
-        lq, _ = degrade_fn(jax.random.fold_in(step_rng, 0), gt)
+        lq, labels = degrade_fn(jax.random.fold_in(step_rng, 0), batch["gt"])
+        if labels is not None:
+            targets["labels"] = labels
 
     def loss_of(trainable):
-        restored = apply_fn(trainable, frozen, lq)
-        return loss_fn(restored, gt), restored
+        return objective(apply_fn(trainable, frozen, lq), targets)
 
-    (loss, restored), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
+    (loss, measured), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     l2_grads = optax.tree.norm(grads)
     lr = jnp.nan if learning_rate_fn is None else learning_rate_fn(state.step)
-    metrics = TrainMetrics.single_from_model_output(
+    metrics = metrics_class(tuple(sorted(measured))).single_from_model_output(
         loss=loss,
-        psnr=psnr(restored, gt),
         l2_grads=l2_grads,
         l2_updates=optax.tree.norm(updates),
         l2_params=optax.tree.norm(trainable),
         learning_rate=jnp.asarray(lr, jnp.float32),
         nonfinite=jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(l2_grads)).astype(jnp.float32),
+        **measured,
     )
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     return new_state, metrics
@@ -272,19 +314,19 @@ def train_step(
 def make_train_step(
     *,
     apply_fn: ApplyFn,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    objective: Objective,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     state_shardings: Any,
     frozen_shardings: Any,
     degrade_fn: DegradeFn | None = None,
     learning_rate_fn: optax.Schedule | None = None,
-) -> Callable[[TrainState, Any, Batch], tuple[TrainState, TrainMetrics]]:
+) -> Callable[[TrainState, Any, Batch], tuple[TrainState, clu_metrics.Collection]]:
     """`train_step` jitted with explicit shardings; the state argument is donated, `frozen` not."""
     step_fn = functools.partial(
         train_step,
         apply_fn=apply_fn,
-        loss_fn=loss_fn,
+        objective=objective,
         tx=tx,
         degrade_fn=degrade_fn,
         learning_rate_fn=learning_rate_fn,

@@ -93,6 +93,7 @@ def train(
     references: Mapping[str, str | os.PathLike] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     eval_fn: Callable[[train_lib.TrainState, Any], Mapping[str, Any]] | None = None,
+    metrics_log: list[dict[str, float]] | None = None,
 ) -> tuple[train_lib.TrainState, Any]:
     """Trains `method` for `config.num_train_steps` updates, resuming from `workdir` if possible.
 
@@ -100,10 +101,11 @@ def train(
       config: see `default_config()` for the keys read here.
       workdir: checkpoints go to `<workdir>/checkpoints`, TensorBoard events to `<workdir>`.
       method: a `train_lib.Method` (or any object with `init_fn`, `apply_fn`, and optionally
-        `degrade_fn`).
-      data_iterator: yields dicts of numpy arrays (`{"lq", "gt"}`, or `{"gt"}` with a
-        `degrade_fn`), this process's share of the global batch; `get_state`/`set_state`
-        (e.g. a grain iterator) make resumption exact.
+        `degrade_fn` and `objective`; without an objective the prediction is scored against
+        `gt` with `config.loss`).
+      data_iterator: yields dicts of numpy arrays (`{"lq", "gt"}`, `{"gt"}` with a
+        `degrade_fn`, or what the method's objective reads), this process's share of the
+        global batch; `get_state`/`set_state` (e.g. a grain iterator) make resumption exact.
       tx: the optimizer; default `train_lib.make_optimizer(config.optimizer, ...)`.
       learning_rate_fn: the schedule inside a given `tx`, only to log the learning rate (with the
         default `tx` it is `make_schedule(config.optimizer, ...)`).
@@ -117,6 +119,9 @@ def train(
       eval_fn: `(state, frozen) -> {name: value}` run every `config.eval_every_steps` steps
         (default: only after the last step) and written with `metric_writers.write_values`:
         plain numbers become scalars, `clu.values.Image(...)` images, etc.
+      metrics_log: if given, every logged set of training scalars is appended to it as
+        `{"step": step, "train_loss": ..., ...}` (this call's steps; earlier ones are in the
+        TensorBoard files).
 
     Returns:
       `(state, frozen)` after the last step.
@@ -181,9 +186,13 @@ def train(
         state = restored[0]
         logging.info("Resuming from step %d.", int(state.step))
 
+    objective = getattr(method, "objective", None)
+    if objective is None:
+        loss_fn = losses.get(config.get("loss", "psnr_loss"), **dict(config.get("loss_kwargs", {})))
+        objective = train_lib.restoration_objective(loss_fn)
     step_fn = train_lib.make_train_step(
         apply_fn=method.apply_fn,
-        loss_fn=losses.get(config.get("loss", "psnr_loss"), **dict(config.get("loss_kwargs", {}))),
+        objective=objective,
         tx=tx,
         mesh=mesh,
         state_shardings=state_shardings,
@@ -235,6 +244,8 @@ def train(
                 if learning_rate_fn is None:
                     del values["train_learning_rate"]
                 writer.write_scalars(step, values)
+                if metrics_log is not None:
+                    metrics_log.append({"step": step, **values})
                 pending = None
             if should_save:
                 checkpointing.save(

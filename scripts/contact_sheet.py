@@ -1,6 +1,6 @@
 """Draws one photograph under PROD-sampled degradations as a labelled grid (a visual check).
 
-    python scripts/contact_sheet.py --out sheet.png [--image astronaut] [--seed 0] \
+    python -m scripts.contact_sheet --out sheet.png [--image astronaut] [--seed 0] \
         [--ops blur,motion,noise,rain,jpeg] [--mode random_order] [--size 256]
 
 The first tile is the clean image; each of the 12 others is labelled with the operators applied,

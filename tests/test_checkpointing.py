@@ -3,7 +3,6 @@
 import functools
 import glob
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,17 +12,13 @@ import grain
 import jax
 import numpy as np
 import pytest
+import tiny_training as tiny
 from clu import values as clu_values
 
 from ir_lora import checkpointing, train_lib, trainer
 from ir_lora import sharding as sharding_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location(
-    "tiny_training", os.path.join(_HERE, "tiny_training.py")
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 def _assert_trees_equal(a, b, atol=0.0):

@@ -3,22 +3,15 @@
 These tests fail if a clu release moves or renames what ir_lora.clu_compat replaces.
 """
 
-import importlib.util
 import io
-import os
 import time
 
 import numpy as np
+import tiny_training as tiny
 from PIL import Image
 
 from ir_lora import clu_compat
 from ir_lora.clu_compat import metric_writers, periodic_actions
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_training", os.path.join(os.path.dirname(__file__), "tiny_training.py")
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 def _values(events):

@@ -1,23 +1,15 @@
 """Train state, optimizer, sharding and the jitted step, on the tiny net of tiny_training.py."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
+import tiny_training as tiny
 
 from ir_lora import losses, train_lib
 from ir_lora import sharding as sharding_lib
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_training", os.path.join(os.path.dirname(__file__), "tiny_training.py")
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 def _opt_config(**overrides):
@@ -36,7 +28,7 @@ def _run(mesh, *, steps=3, method=None, iterator=None, min_size_to_shard=2**18):
     initial = jax.tree.map(np.array, (state.trainable, frozen))
     step_fn = train_lib.make_train_step(
         apply_fn=method.apply_fn,
-        loss_fn=losses.l1,
+        objective=train_lib.restoration_objective(losses.l1),
         tx=tx,
         mesh=mesh,
         state_shardings=state_sh,
@@ -119,7 +111,7 @@ def test_degrade_fn_runs_inside_the_step():
             frozen,
             next(tiny.CountingIterator()),
             apply_fn=method.apply_fn,
-            loss_fn=losses.l1,
+            objective=train_lib.restoration_objective(losses.l1),
             tx=optax.sgd(0.1),
             degrade_fn=method.degrade_fn,
         )

@@ -36,6 +36,16 @@ def sample_photos() -> list[tuple[str, np.ndarray]]:
     return [(name, np.asarray(getattr(skdata, name)(), np.uint8)) for name in SAMPLE_PHOTOS]
 
 
+def shrink(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
+    """The image shrunk (Pillow bicubic, aspect kept) so its longer side is at most `max_side`."""
+    img = Image.fromarray(pixels)
+    if max_side is not None and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(img)
+
+
 def write_sample_folder(folder: str, *, max_side: int | None = None) -> str:
     """Writes the sample photographs as `<folder>/<name>.png`, a clean-image folder.
 
@@ -49,10 +59,5 @@ def write_sample_folder(folder: str, *, max_side: int | None = None) -> str:
     """
     os.makedirs(folder, exist_ok=True)
     for name, pixels in sample_photos():
-        img = Image.fromarray(pixels)
-        if max_side is not None and max(img.size) > max_side:
-            scale = max_side / max(img.size)
-            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-            img = img.resize(size, Image.Resampling.BICUBIC)
-        img.save(os.path.join(folder, f"{name}.png"))
+        Image.fromarray(shrink(pixels, max_side)).save(os.path.join(folder, f"{name}.png"))
     return folder

@@ -61,7 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
       haze, low_light, resample: ranges for the operators outside default PROD [R].
     """
     c = ml_collections.ConfigDict()
-    c.ops = ["blur", "motion", "noise", "rain", "jpeg"]
+    c.ops = ("blur", "motion", "noise", "rain", "jpeg")
     c.mode = "random_order"
     c.min_degradations = 1
     c.max_degradations = 5

@@ -1,4 +1,4 @@
-"""Adaptation methods: what trains, selected by the config's `method` switch.
+"""Adaptation methods, the registry of what trains: selected by the config's `method` switch.
 
 A method turns a backbone (a `flax.linen` model plus, when fine-tuning, its pre-trained params)
 into a `train_lib.Method`: `init_fn(rng, backbone) -> (trainable, frozen)` and
@@ -6,22 +6,23 @@ into a `train_lib.Method`: `init_fn(rng, backbone) -> (trainable, frozen)` and
 pre-trained tree is never baked into a compiled program. Adapters attach from outside by module
 path (`ir_lora.peft`); the backbone code never changes.
 
-Each method is a module here whose `SPEC` (a `MethodSpec`) is registered in `REGISTRY`: its
-`parts(config, model, sample) -> Parts`, and optional hooks by which it takes part in the stages
-(`MethodSpec`: what it loads, what its checkpoints reference, how it completes its config, or a
-stage of its own). The runner dispatches through them and never tests a method's name.
+Each method is a package here whose `SPEC` (a `MethodSpec`) is registered in `REGISTRY`: its
+`parts(config, model, sample) -> Parts`, its config sections with their defaults, and what it
+loads and references. The stages (`ir_lora.stages`) build methods through `build` and never test
+a method's name.
 
 * `full`: every parameter trains (pre-training, full fine-tuning), or with `full.train_only`
   only the parameters whose paths match (e.g. decoder-only tuning).
 * `lora`: LoRA factors on the targeted layers, plus biases and norms when `tune_bias_norm`;
   everything else is frozen and gets neither gradients nor optimizer state.
-* `colora`: LoRA with per-layer ranks from a CoLoRA ranks file (`colora.ranks`), computed by
-  the run itself when not given.
+* `colora`: CoLoRA, LoRA with per-layer ranks from a ranks file (`colora.ranks`) that its
+  contributions stage computes.
 * `adaptir`: AdaptIR adapters beside every feed-forward path; the backbone is frozen.
-* `moe`: LoRA-IR, mixtures of low-rank experts on every conv routed per image by a frozen
+* `lora_ir`: LoRA-IR, mixtures of low-rank experts on every conv routed per image by a frozen
   degradation router, with degradation-aware modulation of the encoder stages.
-* `multilora`: UIR-LoRA, trained `lora` runs composed per image (a stage of its own,
-  `ir_lora.uir.run`).
+
+UIR-LoRA (`ir_lora.methods.uir_lora`) composes trained `lora` runs per image: it adapts no
+backbone itself, so it is a stage (`stage = "uir_lora"`), not an entry of this registry.
 """
 
 import dataclasses
@@ -33,8 +34,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ir_lora import train_lib
-from ir_lora.methods import adaptir, colora, full, lora, moe, multilora
-from ir_lora.methods.base import MethodSpec, Parts, init_or_given
+from ir_lora.methods import adaptir, colora, full, lora, lora_ir
+from ir_lora.methods.base import MethodSpec, Parts, Reference, init_or_given
 from ir_lora.peft import partition, report
 
 REGISTRY: dict[str, MethodSpec] = {
@@ -42,8 +43,7 @@ REGISTRY: dict[str, MethodSpec] = {
     "lora": lora.SPEC,
     "colora": colora.SPEC,
     "adaptir": adaptir.SPEC,
-    "moe": moe.SPEC,
-    "multilora": multilora.SPEC,
+    "lora_ir": lora_ir.SPEC,
 }
 METHODS = tuple(REGISTRY)
 
@@ -53,18 +53,29 @@ __all__ = [
     "Adaptation",
     "MethodSpec",
     "Parts",
+    "Reference",
     "build",
     "init_or_given",
+    "section_owner",
     "spec",
     "trains_backbone",
 ]
 
 
-def spec(config) -> MethodSpec:
-    """The registered `MethodSpec` of `config.method`."""
-    if config.method not in REGISTRY:
-        raise ValueError(f"config.method={config.method!r} is not one of {METHODS}")
-    return REGISTRY[config.method]
+def spec(config_or_name) -> MethodSpec:
+    """The registered `MethodSpec` of `config.method` (or of a method name)."""
+    name = config_or_name if isinstance(config_or_name, str) else config_or_name.method
+    if name not in REGISTRY:
+        raise ValueError(f"config.method={name!r} is not one of {METHODS}")
+    return REGISTRY[name]
+
+
+def section_owner(section: str) -> str | None:
+    """The method whose config section is `section` (None if no method has it)."""
+    for name, method in REGISTRY.items():
+        if section in method.sections:
+            return name
+    return None
 
 
 def trains_backbone(config) -> bool:
@@ -108,7 +119,7 @@ def build(
     """The `Adaptation` for `config.method` on `model`.
 
     Args:
-      config: the experiment config (`method`, and the method's section, e.g. `lora`).
+      config: the experiment config (`method`, and the method's sections, e.g. `lora`).
       model: the backbone module.
       image_shape: a sample input shape `(N, H, W, C)` (only shapes are used).
       degrade_fn: optional on-device degradation for the train step (PROD in pre-training).
@@ -117,14 +128,8 @@ def build(
       The `Adaptation`. Its `init_fn` expects the backbone params as its second argument; with
       `None` (training from scratch) it initialises them from the key.
     """
-    parts_fn = spec(config).parts
-    if parts_fn is None:
-        raise ValueError(
-            f"config.method={config.method!r} builds no adapters on a backbone: it runs a stage "
-            "of its own (runner.train_and_evaluate / runner.evaluate)"
-        )
     sample = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32)
-    parts = parts_fn(config, model, sample)
+    parts = spec(config).parts(config, model, sample)
 
     def init_fn(rng, backbone=None):
         variables = parts.variables_fn(rng, backbone)

@@ -1,11 +1,12 @@
-"""What every method module provides (see `ir_lora.methods`): its `Parts` and its `MethodSpec`."""
+"""What every method package provides (see `ir_lora.methods`): its `Parts` and its `MethodSpec`."""
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import linen as nn
 
 
@@ -30,37 +31,44 @@ class Parts:
 
 
 @dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """A method as the runner sees it: its parts plus optional hooks into the stages.
-
-    The runner (`train.py` / `eval.py`) only calls these; it never tests a method's name.
+class Reference:
+    """A frozen input besides the backbone (e.g. LoRA-IR's router) that checkpoints record.
 
     Attributes:
-      parts: `(config, model, sample) -> Parts`; None for a method that runs its own stage.
+      field: the dotted config key that names it ("router.checkpoint"). Left empty when a
+        trained workdir is restored or resumed, the recorded path is used.
+      resolve: `config value -> path` whose content is hashed (e.g. a workdir's export).
+    """
+
+    field: str
+    resolve: Callable[[str], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A method as the stages see it: what trains, its config sections, what it loads.
+
+    The stages only call these; they never test a method's name.
+
+    Attributes:
+      parts: `(config, model, sample) -> Parts`.
+      sections: `{section name: () -> ConfigDict of its defaults}`, the config sections the
+        method reads; a config that selects the method holds exactly these method sections
+        (`configs/common.py: with_method`).
       trains_backbone: `config -> bool`, whether every backbone parameter trains (what
         pre-training needs); None: never.
       load: `(config, load_params) -> (init tree, backbone path or None)`, for a method that
         needs more than the backbone of `config.init` at init; `load_params` is
-        `runner.load_params`. Default: the backbone of `config.init` when fine-tuning.
-      references: `config -> {name: path}`, frozen inputs besides the backbone (e.g. the
-        router) whose path and hash checkpoints record; a resumed or restored run must find the
-        same content there.
-      prepare: `(config, workdir, *, training) -> config`, run before anything is built, when
-        training (`training=True`, fresh or resuming) and when restoring a trained workdir;
-        it completes the config (e.g. files the run computes itself or recorded).
-      train_and_evaluate: `(config, workdir) -> dict`, a stage of its own instead of the
-        trainer (`runner.train_and_evaluate` returns what it returns).
-      evaluate: `(config, workdir, *, datasets, out_dir) -> results`, evaluation of such a
-        workdir instead of restoring a checkpoint.
+        `ir_lora.services.load_params`. Default: the backbone of `config.init` when fine-tuning.
+      references: `{name: Reference}`, frozen inputs besides the backbone whose path and hash
+        checkpoints record; a resumed or restored run must find the same content there.
     """
 
-    parts: Callable[..., Parts] | None
+    parts: Callable[..., Parts]
+    sections: Mapping[str, Callable[[], ml_collections.ConfigDict]]
     trains_backbone: Callable[[Any], bool] | None = None
     load: Callable[[Any, Callable], tuple[Any, str | None]] | None = None
-    references: Callable[[Any], dict[str, str]] | None = None
-    prepare: Callable[..., Any] | None = None
-    train_and_evaluate: Callable[[Any, str], dict] | None = None
-    evaluate: Callable[..., dict] | None = None
+    references: Mapping[str, Reference] = dataclasses.field(default_factory=dict)
 
 
 def init_or_given(model: nn.Module, sample: jax.ShapeDtypeStruct, rng, backbone):

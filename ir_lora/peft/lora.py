@@ -101,9 +101,12 @@ def layer_key(rng: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(rng, np.uint32(zlib.crc32(path.encode())))
 
 
-def init_down(key: jax.Array, shape: tuple[int, int], dtype: Any = jnp.float32) -> jax.Array:
-    """Kaiming-uniform, a=sqrt(5) (torch/loralib): U(+-1/sqrt(fan_in)), fan_in = shape[0]."""
-    bound = 1.0 / np.sqrt(shape[0])
+def init_down(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """Kaiming-uniform, a=sqrt(5) (torch/loralib): U(+-1/sqrt(fan_in)), fan_in = shape[-2].
+
+    `shape` is `(fan_in, r)`, or `(E, fan_in, r)` for E experts (`ir_lora.peft.mixlora`).
+    """
+    bound = 1.0 / np.sqrt(shape[-2])
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
@@ -112,7 +115,8 @@ def delta_kernel(down: jax.Array, up: jax.Array, kernel_shape: tuple[int, ...]) 
     return jnp.matmul(down, up, precision=jax.lax.Precision.HIGHEST).reshape(kernel_shape)
 
 
-def _matmul_last(x: jax.Array, w: jax.Array, precision) -> jax.Array:
+def matmul_last(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+    """`x @ w` over the last axis of `x`, as one 2-D matmul."""
     # 2-D matmul: XLA:CPU differentiates it 3-5x faster than a 4-D dot (STACK.md).
     y = jnp.dot(x.reshape(-1, x.shape[-1]), w, precision=precision)
     return y.reshape(x.shape[:-1] + (w.shape[-1],))
@@ -130,7 +134,7 @@ def branch(module: nn.Conv | nn.Dense, x: jax.Array, down: jax.Array, up: jax.Ar
         return _conv_branch(module, x, down, up, kernel_shape)
     if isinstance(module, nn.Dense):
         x, down, up = promote_dtype(x, down, up, dtype=module.dtype)
-        return _matmul_last(_matmul_last(x, down, module.precision), up, module.precision)
+        return matmul_last(matmul_last(x, down, module.precision), up, module.precision)
     raise TypeError(f"LoRA supports nn.Conv and nn.Dense, not {type(module).__name__}")
 
 
@@ -141,7 +145,7 @@ def _conv_branch(module: nn.Conv, x, down, up, kernel_shape):
     with intercept.bypass():
         if groups == 1 and module.mask is None:
             h, up = promote_dtype(_narrow(module, x, down, kernel_shape), up, dtype=module.dtype)
-            return _matmul_last(h, up, module.precision)
+            return matmul_last(h, up, module.precision)
         delta = module.clone(parent=None, name=None, use_bias=False)
         return delta.apply({"params": {"kernel": delta_kernel(down, up, kernel_shape)}}, x)
 

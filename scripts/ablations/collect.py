@@ -1,6 +1,6 @@
 """Every finished run under `--root` as one CSV and markdown tables (partial sweeps included).
 
-  python scripts/ablations/collect.py --root runs/ablations --out docs/ablations
+  python -m scripts.ablations.collect --root runs/ablations --out docs/ablations
 
 The ablation scripts write their CSV and chart once all their runs exist; this reads the
 `result.json` of whatever has finished, so a sweep cut short still reports what it measured.
@@ -11,7 +11,7 @@ import glob
 import json
 import os
 
-import _common
+from scripts.ablations import common
 
 
 def main():
@@ -28,9 +28,9 @@ def main():
     if not rows:
         raise SystemExit(f"No finished fine-tune under {args.root}/finetune")
     rows.sort(key=lambda r: (r["task"], r["pretraining"], r["num_pairs"], r["tuning"]))
-    _common.write_csv(os.path.join(args.out, "runs.csv"), rows)
+    common.write_csv(os.path.join(args.out, "runs.csv"), rows)
     columns = ["task", "pretraining", "num_pairs", "tuning", "percent", "psnr", "ssim"]
-    print(_common.markdown(rows, columns))
+    print(common.markdown(rows, columns))
 
 
 if __name__ == "__main__":

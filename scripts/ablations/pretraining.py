@@ -1,7 +1,7 @@
 """Ablation 2: pre-training (random init, fixed order, single degradation, PROD) + full tuning.
 
-  python scripts/ablations/pretraining.py                  # CPU size
-  python scripts/ablations/pretraining.py --num-pairs 128 --pretrain-steps 200000 ...
+  python -m scripts.ablations.pretraining                  # CPU size
+  python -m scripts.ablations.pretraining --num-pairs 128 --pretrain-steps 200000 ...
 
 The same fine-tune (full, `--finetune-steps`, `--num-pairs` pairs of each novel task) from four
 backbones: random initialisation, and PROD pre-training with `prod.mode` "fixed_order",
@@ -11,8 +11,9 @@ backbones: random initialisation, and PROD pre-training with `prod.mode` "fixed_
 
 import os
 
-import _common
 import matplotlib
+
+from scripts.ablations import common
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -26,17 +27,17 @@ LABELS = {
 
 
 def main():
-    parser = _common.parser(__doc__.splitlines()[0])
+    parser = common.parser(__doc__.splitlines()[0])
     parser.add_argument("--num-pairs", type=int, default=16)
-    parser.add_argument("--tuning", default="full", choices=_common.TUNINGS)
+    parser.add_argument("--tuning", default="full", choices=common.TUNINGS)
     args = parser.parse_args()
-    _common.setup_logging()
+    common.setup_logging()
     rows = []
-    for pretraining in _common.PRETRAININGS:
+    for pretraining in common.PRETRAININGS:
         for task in args.tasks.split(","):
             for tuning in ("none", args.tuning):
                 rows.append(
-                    _common.finetune(
+                    common.finetune(
                         args,
                         pretraining=pretraining,
                         task=task,
@@ -44,14 +45,14 @@ def main():
                         tuning=tuning,
                     )
                 )
-    _common.write_csv(os.path.join(args.out, "pretraining.csv"), rows)
+    common.write_csv(os.path.join(args.out, "pretraining.csv"), rows)
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     tuned = [r for r in rows if r["tuning"] == args.tuning]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(tasks)
-    kinds = _common.PRETRAININGS
+    kinds = common.PRETRAININGS
     for i, task in enumerate(tasks):
-        values = [_common.psnr_of(tuned, task=task, pretraining=k) for k in kinds]
+        values = [common.psnr_of(tuned, task=task, pretraining=k) for k in kinds]
         ax.bar([x + i * width for x in range(len(kinds))], values, width, label=task)
     ax.set_xticks([x + width * (len(tasks) - 1) / 2 for x in range(len(kinds))])
     ax.set_xticklabels([LABELS[k] for k in kinds])
@@ -66,11 +67,11 @@ def main():
         row = {"pre-training": LABELS[k]}
         for task in tasks:
             for tuning in ("none", args.tuning):
-                psnr = _common.psnr_of(rows, pretraining=k, task=task, tuning=tuning)
+                psnr = common.psnr_of(rows, pretraining=k, task=task, tuning=tuning)
                 row[f"{task} ({tuning})"] = psnr
-        row[f"mean ({args.tuning})"] = _common.psnr_of(tuned, pretraining=k)
+        row[f"mean ({args.tuning})"] = common.psnr_of(tuned, pretraining=k)
         table.append(row)
-    print(_common.markdown(table, list(table[0])))
+    print(common.markdown(table, list(table[0])))
 
 
 if __name__ == "__main__":

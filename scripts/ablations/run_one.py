@@ -1,6 +1,6 @@
 """One cached run of the ablations, e.g. to spread the runs of one `--root` over processes.
 
-  python scripts/ablations/run_one.py --pretraining prod --task haze --num-pairs 16 \
+  python -m scripts.ablations.run_one --pretraining prod --task haze --num-pairs 16 \
       --tuning colora
 
 Takes the flags of the ablation scripts (same `--root`, same sizes) and prints the result row;
@@ -9,18 +9,18 @@ a run another process has started is waited for, not repeated.
 
 import json
 
-import _common
+from scripts.ablations import common
 
 
 def main():
-    parser = _common.parser(__doc__.splitlines()[0])
-    parser.add_argument("--pretraining", default="prod", choices=_common.PRETRAININGS)
-    parser.add_argument("--task", default="haze", choices=_common.TASKS)
+    parser = common.parser(__doc__.splitlines()[0])
+    parser.add_argument("--pretraining", default="prod", choices=common.PRETRAININGS)
+    parser.add_argument("--task", default="haze", choices=common.TASKS)
     parser.add_argument("--num-pairs", type=int, default=16)
-    parser.add_argument("--tuning", default="full", choices=("none", *_common.TUNINGS))
+    parser.add_argument("--tuning", default="full", choices=("none", *common.TUNINGS))
     args = parser.parse_args()
-    _common.setup_logging()
-    result = _common.finetune(
+    common.setup_logging()
+    result = common.finetune(
         args,
         pretraining=args.pretraining,
         task=args.task,

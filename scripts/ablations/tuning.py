@@ -1,7 +1,7 @@
 """Ablation 1: tuning methods at CoLoRA's budget, after PROD pre-training (paper Results (b)).
 
-  python scripts/ablations/tuning.py                       # CPU size: tiny NAFNet, 16 pairs
-  python scripts/ablations/tuning.py --num-pairs 128 --variant nafnet-sidd-w32 --width 0 \
+  python -m scripts.ablations.tuning                       # CPU size: tiny NAFNet, 16 pairs
+  python -m scripts.ablations.tuning --num-pairs 128 --variant nafnet-sidd-w32 --width 0 \
       --enc '' --gt-size 256 --finetune-steps 10000 --pretrain-steps 200000   # paper size
 
 Rows per novel task (haze, low light; held-out photographs): the PROD model without tuning,
@@ -12,8 +12,9 @@ and decoder-only tuning. Writes `<out>/tuning.csv` and `<out>/tuning.png`.
 
 import os
 
-import _common
 import matplotlib
+
+from scripts.ablations import common
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,25 +30,25 @@ LABELS = {
 
 
 def main():
-    parser = _common.parser(__doc__.splitlines()[0])
+    parser = common.parser(__doc__.splitlines()[0])
     parser.add_argument("--num-pairs", type=int, default=16)
     args = parser.parse_args()
-    _common.setup_logging()
+    common.setup_logging()
     rows = []
     for task in args.tasks.split(","):
         for tuning in ROWS:
             rows.append(
-                _common.finetune(
+                common.finetune(
                     args, pretraining="prod", task=task, num_pairs=args.num_pairs, tuning=tuning
                 )
             )
-    _common.write_csv(os.path.join(args.out, "tuning.csv"), rows)
-    means = _common.mean_over_tasks(rows, "tuning")
+    common.write_csv(os.path.join(args.out, "tuning.csv"), rows)
+    means = common.mean_over_tasks(rows, "tuning")
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(tasks)
     for i, task in enumerate(tasks):
-        values = [_common.psnr_of(rows, task=task, tuning=t) for t in ROWS]
+        values = [common.psnr_of(rows, task=task, tuning=t) for t in ROWS]
         ax.bar([x + i * width for x in range(len(ROWS))], values, width, label=task)
     ax.set_xticks([x + width * (len(tasks) - 1) / 2 for x in range(len(ROWS))])
     ax.set_xticklabels([LABELS[t] for t in ROWS], rotation=15)
@@ -61,12 +62,12 @@ def main():
         {
             "tuning": LABELS[t],
             "% trainable": next(r["percent"] for r in rows if r["tuning"] == t),
-            **{task: _common.psnr_of(rows, task=task, tuning=t) for task in tasks},
+            **{task: common.psnr_of(rows, task=task, tuning=t) for task in tasks},
             "mean": means[t],
         }
         for t in ROWS
     ]
-    print(_common.markdown(table, list(table[0])))
+    print(common.markdown(table, list(table[0])))
 
 
 if __name__ == "__main__":
