@@ -140,9 +140,7 @@ def test_prepare_clean_folder_of_sample_photos(tmp_path):
     for name, pixels in by_name.items():
         np.testing.assert_array_equal(pixels, np.asarray(Image.open(f"{folder}/{name}.png")))
     assert "tensorflow" not in sys.modules
-    # A second call reuses the prepared files (the source folder is not read again) ...
-    os.remove(f"{folder}/coffee.png")
-    assert len(data.prepare("images", source_dir=folder, data_dir=str(tmp_path / "tfds"))) == 6
+    # A prepared split is reopened without the source folder ...
     assert len(data.load("images", data_dir=str(tmp_path / "tfds"))) == 6
     # ... and refuses to pass off another folder's data as this one's.
     other = data.write_sample_folder(str(tmp_path / "other"), max_side=16)
@@ -168,11 +166,14 @@ def test_prepare_paired_named_config_and_split_errors(tmp_path):
     src = data.prepare("sots", source_dir=str(root), data_dir=str(tmp_path / "t"), split="outdoor")
     assert len(src) == 1 and src[0]["name"] == b"0001_0.8_0.2"
     assert src[0]["lq"].shape == src[0]["gt"].shape == (12, 10, 3)
-    with pytest.raises(ValueError, match="'indoor' of .* was not prepared"):
+    with pytest.raises(images.ImageError, match="Split 'indoor' of dataset 'sots' .*missing: .*"
+                       "indoor/hazy', .*indoor/gt'"):  # fmt: skip
         data.prepare("sots", source_dir=str(root), data_dir=str(tmp_path / "t"), split="indoor")
     with pytest.raises(ValueError, match="Unknown dataset 'nope'"):
         data.prepare("nope", source_dir=str(root), data_dir=str(tmp_path / "t"))
-    with pytest.raises(images.ImageError, match="No split folders"):
+    with pytest.raises(ValueError, match="'sots' has no split 'train'; its splits: .*outdoor"):
+        data.prepare("sots", source_dir=str(root), data_dir=str(tmp_path / "t"))
+    with pytest.raises(images.ImageError, match="Split 'train' of dataset 'lol' .*our485/low"):
         data.prepare("lol", source_dir=str(root), data_dir=str(tmp_path / "t"))
 
 

@@ -14,20 +14,30 @@ clean data. With `noise_sigma` (on the 0..255 scale, or a list to choose from pe
 `lq = gt + N(0, sigma/255)` is made on the fly from clean data, without clipping, as Restormer
 does for Gaussian denoising.
 
+From a prepared (tiled) training split a crop reads only the tiles it covers, so loading costs
+about the same for a 256x256 crop of a 2K photograph as of a small image; `worker_count` grain
+processes can share the work (ir_lora/data/prefetch.py overlaps it with the training step).
+
 An image smaller than `gt_size` is an error when the pipeline is built (the prepared dataset
 records its smallest image); it is not padded, since padding would teach the model the padding.
 """
 
+import os
 from collections.abc import Sequence
 
 import grain
 import jax
 import numpy as np
+from absl import flags
+
+from ir_lora.data.sources import PreparedSplit
 
 
 def _examples_have_lq(source) -> bool:
     if len(source) == 0:
         raise ValueError("The dataset is empty.")
+    if isinstance(source, PreparedSplit):
+        return source.has_lq
     return "lq" in source[0]
 
 
@@ -85,6 +95,52 @@ def _make_lq(example, gt: np.ndarray, noise_sigma, rng) -> np.ndarray | None:
     return None
 
 
+def default_worker_count() -> int:
+    """Worker processes for `worker_count=-1`: none where the step runs on the CPU itself (the
+    cores are the step's), else up to 8, leaving half the host's cores to the training process."""
+    if jax.default_backend() == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 2) // 2))
+
+
+def resolve_worker_count(worker_count: int) -> int:
+    """`worker_count`, with -1 meaning `default_worker_count()`."""
+    worker_count = int(worker_count)
+    if worker_count == -1:
+        return default_worker_count()
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, or -1 for the default; got {worker_count}.")
+    return worker_count
+
+
+def _random_window(source, index: int, size: int, rng: np.random.Generator) -> dict:
+    """A random `size` x `size` window of example `index` (the same for `gt` and `lq`).
+
+    A `PreparedSplit` reads only the window; any other sequence of example dicts is indexed
+    whole and sliced. The random draws are the same either way.
+    """
+    if isinstance(source, PreparedSplit):
+        (h, w), name, example = source.image_size(index), source.name(index), None
+    else:
+        example = source[index]
+        h, w = example["gt"].shape[:2]
+        name = _name(example)
+    if min(h, w) < size:
+        raise ValueError(f"gt_size={size} is larger than image {name!r} ({h}x{w}).")
+    top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+    if example is None:
+        return source.window(index, int(top), int(left), size, size)
+    window = (slice(top, top + size), slice(left, left + size))
+    return {k: example[k][window] for k in ("gt", "lq") if k in example}
+
+
+def _ensure_flags_parsed() -> None:
+    # grain's worker processes read absl flags; outside `absl.app.run` nothing parsed them.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def train_dataset(
     source,
     *,
@@ -102,8 +158,9 @@ def train_dataset(
     """The training stream of one process: shuffled, repeated, cropped, augmented, batched.
 
     Args:
-      source: random-access examples (`prepare(...)`'s data source, or any sequence of dicts with
-        uint8 `"gt"` and optionally `"lq"` HWC arrays).
+      source: random-access examples: `prepare(...)`'s `PreparedSplit` (crops read only the
+        tiles they cover), or any sequence of dicts with uint8 `"gt"` and optionally `"lq"` HWC
+        arrays.
       gt_size: side of the square training crop (BasicSR `gt_size`).
       global_batch_size: examples per step over all processes.
       seed: shuffling and augmentation seed.
@@ -114,9 +171,9 @@ def train_dataset(
       num_epochs: passes over the data; None repeats forever.
       process_index: this process (default `jax.process_index()`).
       process_count: number of processes (default `jax.process_count()`).
-      worker_count: grain worker processes that decode and augment; 0 works in the calling
-        thread. The batches are the same either way. More than 0 needs absl flags parsed
-        (`absl.app.run`); close such an iterator with `it.close()`.
+      worker_count: grain worker processes that read, crop, augment and batch (each makes whole
+        batches); 0 works in the calling thread, -1 is `default_worker_count()`. The batches are
+        the same either way. Close an iterator with workers with `it.close()`.
 
     Returns:
       A `grain.IterDataset`; `iter(...)` gives a checkpointable `grain.DatasetIterator` of
@@ -128,6 +185,7 @@ def train_dataset(
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    worker_count = resolve_worker_count(worker_count)
     if gt_size <= 0:
         raise ValueError(f"gt_size must be positive, got {gt_size}.")
     if global_batch_size <= 0 or global_batch_size % process_count:
@@ -140,16 +198,9 @@ def train_dataset(
         raise ValueError("noise_sigma makes lq from clean images; this dataset already has lq.")
     _check_min_size(source, gt_size)
 
-    def crop_and_augment(example, rng: np.random.Generator):
-        gt = example["gt"]
-        h, w = gt.shape[:2]
-        if min(h, w) < gt_size:
-            raise ValueError(
-                f"gt_size={gt_size} is larger than image {_name(example)!r} ({h}x{w})."
-            )
-        top, left = rng.integers(0, h - gt_size + 1), rng.integers(0, w - gt_size + 1)
-        window = (slice(top, top + gt_size), slice(left, left + gt_size))
-        crops = [gt[window]] + ([example["lq"][window]] if paired else [])
+    def crop_and_augment(index, rng: np.random.Generator):
+        window = _random_window(source, index, gt_size, rng)
+        crops = [window["gt"]] + ([window["lq"]] if paired else [])
         crops = augment(crops, rng, use_hflip=use_hflip, use_rot=use_rot)
         out = {"gt": _to_float(crops[0])}
         lq = _make_lq({"lq": crops[1]} if paired else {}, out["gt"], noise_sigma, rng)
@@ -157,13 +208,17 @@ def train_dataset(
             out["lq"] = lq
         return out
 
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(num_epochs)
     # Augment before sharding, so that the randomness follows the global position of an example.
     ds = ds.random_map(crop_and_augment, seed=seed)
-    ds = ds[process_index::process_count].to_iter_dataset()
+    ds = ds[process_index::process_count]
+    # Batching on the map dataset makes batch k a pure function of k, so that the workers (each
+    # taking every worker_count-th batch) give the same stream as the calling thread.
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=True).to_iter_dataset()
     if worker_count > 0:
+        _ensure_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return ds.batch(global_batch_size // process_count, drop_remainder=True)
+    return ds
 
 
 def eval_dataset(source, *, noise_sigma: float | None = None, seed: int = 0) -> grain.MapDataset:
