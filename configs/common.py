@@ -35,7 +35,8 @@ Sections:
     with the multi-view MLP `mlp_widths`).
   prod: the PROD sampler (`ir_lora.degradations.default_config()`), used when pre-training.
   data: training set (`ir_lora.data.prepare` names, see data/README.md), crop `gt_size`, global
-    `batch_size`, BasicSR augmentation flags, `noise_sigma` (0..255; 0 = none) for clean sets.
+    `batch_size`, BasicSR augmentation flags, `noise_sigma` (0..255; 0 = none) for clean sets,
+    `worker_count` (input worker processes; -1 = the default for the host).
   eval: datasets evaluated after training (name -> {dataset, source_dir, split, noise_sigma})
     and the BasicSR metric settings.
   The trainer keys (seed, num_train_steps, logging/checkpoint intervals, loss, optimizer, fsdp)
@@ -142,6 +143,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.use_rot = True
     config.data.noise_sigma = 0.0
     config.data.degrade = ""  # "prod": PROD synthesises the inputs of a fine-tune too
+    # grain worker processes that read and crop; -1: none on a CPU-only host, else up to 8
+    # (`ir_lora.data.pipeline.default_worker_count`).
+    config.data.worker_count = -1
 
     config.eval = ml_collections.ConfigDict()
     config.eval.datasets = ml_collections.ConfigDict()

@@ -75,6 +75,7 @@ def train_iterator(config, workdir: str):
         use_hflip=config.data.use_hflip,
         use_rot=config.data.use_rot,
         noise_sigma=_noise_sigma(config.data),
+        worker_count=config.data.get("worker_count", 0),
     )
     return iter(dataset)
 
@@ -205,6 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         from ir_lora.colora import pipeline  # CoLoRA only: plotting and FAIG.
 
         return pipeline.compute(config, workdir)
+    # Every split the run evaluates is prepared (or found missing) before any training.
+    eval_inputs = eval_datasets(config, workdir) if config.eval.datasets else None
     config = _prepare(config, workdir, training=True)
     model = build_model(config)
     adaptation = build_adaptation(config, model)
@@ -238,13 +241,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         export = export_params(params, os.path.join(workdir, where))
 
     results = None
-    if config.eval.datasets:
+    if eval_inputs:
         results = run_evaluation(
-            config,
-            restore_fn,
-            params,
-            eval_datasets(config, workdir),
-            os.path.join(workdir, "eval"),
+            config, restore_fn, params, eval_inputs, os.path.join(workdir, "eval")
         )
     return {"report": report, "export": export, "eval": results}
 

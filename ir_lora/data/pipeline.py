@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from ir_lora.data.batch_stream import BatchStream
 from ir_lora.data.sources import PreparedSplit
 
 
@@ -154,7 +155,7 @@ def train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     worker_count: int = 0,
-) -> grain.IterDataset:
+) -> BatchStream:
     """The training stream of one process: shuffled, repeated, cropped, augmented, batched.
 
     Args:
@@ -176,9 +177,10 @@ def train_dataset(
         the same either way. Close an iterator with workers with `it.close()`.
 
     Returns:
-      A `grain.IterDataset`; `iter(...)` gives a checkpointable `grain.DatasetIterator` of
+      A `BatchStream`; `iter(...)` gives a checkpointable `grain.DatasetIterator` of
       `{"lq": (B, gt_size, gt_size, 3), "gt": ...}` float32 batches (`{"gt"}` only for clean
-      data without `noise_sigma`), `B = global_batch_size // process_count`.
+      data without `noise_sigma`), `B = global_batch_size // process_count`. Its state,
+      `{"next_index": batches consumed}`, does not depend on `worker_count`.
 
     Raises:
       ValueError: for a bad gt_size or batch size, or an image smaller than gt_size.
@@ -214,11 +216,10 @@ def train_dataset(
     ds = ds[process_index::process_count]
     # Batching on the map dataset makes batch k a pure function of k, so that the workers (each
     # taking every worker_count-th batch) give the same stream as the calling thread.
-    ds = ds.batch(global_batch_size // process_count, drop_remainder=True).to_iter_dataset()
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
     if worker_count > 0:
         _ensure_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return ds
+    return BatchStream(ds, worker_count)
 
 
 def eval_dataset(source, *, noise_sigma: float | None = None, seed: int = 0) -> grain.MapDataset:
