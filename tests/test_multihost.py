@@ -6,6 +6,7 @@ checkpoints at 2 and 4; then checkpoint 4 and the export are removed and the two
 resume from step 2, which must end at the same parameters.
 """
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -54,38 +55,36 @@ def _config_file(path, photos) -> str:
 
 def _train_two_processes(config, workdir, cache, log_dir, tag):
     port = _free_port()
-    processes, logs = [], []
-    for index in range(2):
-        env = {
-            **os.environ,
-            "PYTHONPATH": _ROOT,
-            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-            "JAX_NUM_PROCESSES": "2",
-            "JAX_PROCESS_ID": str(index),
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "JAX_PLATFORMS": "cpu",
-            # Tiny programs: XLA's optimisation passes cost more than they save; the resumed
-            # run reuses the first run's compiled programs.
-            "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-            "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        }
-        log = open(log_dir / f"{tag}_{index}.log", "wb")
-        logs.append(log)
-        command = [sys.executable, "train.py", "--config", config, "--workdir", str(workdir)]
-        processes.append(
-            subprocess.Popen(command, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        )
-    try:
-        codes = [p.wait(timeout=600) for p in processes]
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
+    processes = []
+    with contextlib.ExitStack() as stack:
+        for index in range(2):
+            env = {
+                **os.environ,
+                "PYTHONPATH": _ROOT,
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(index),
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                "JAX_PLATFORMS": "cpu",
+                # Tiny programs: XLA's optimisation passes cost more than they save; the
+                # resumed run reuses the first run's compiled programs.
+                "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+                "JAX_COMPILATION_CACHE_DIR": str(cache),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            }
+            log = stack.enter_context(open(log_dir / f"{tag}_{index}.log", "wb"))
+            command = [sys.executable, "train.py", "--config", config, "--workdir", str(workdir)]
+            processes.append(
+                subprocess.Popen(command, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            )
+        try:
+            codes = [p.wait(timeout=600) for p in processes]
+        finally:
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     texts = [(log_dir / f"{tag}_{i}.log").read_text(errors="replace") for i in range(2)]
     assert codes == [0, 0], "\n\n".join(t[-4000:] for t in texts)
     return texts
