@@ -186,3 +186,20 @@ def test_trainer_logs_the_data_wait_fraction(tmp_path):
     assert sorted(waits) == [2, 4, 6]
     assert all(0.0 <= w <= 1.0 for w in waits.values())
     assert waits[6] > 0.5
+
+
+def test_benchmark_photographs_and_basicsr_windows():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import input_pipeline as bench
+
+    # BasicSR's extract_subimages.py on a DIV2K-sized image: every 240 pixels plus the border.
+    assert bench.subimage_origins(1356) == [0, 240, 480, 720, 876]
+    assert bench.subimage_origins(2040) == [0, 240, 480, 720, 960, 1200, 1440, 1560]
+    assert bench.subimage_origins(960) == [0, 240, 480]
+    photo = bench.large_photo(data.sample_photos(), np.random.default_rng(0))
+    assert photo.shape == (1356, 2040, 3) and photo.dtype == np.uint8
+    assert photo.shape[0] * photo.shape[1] >= 2_000_000
+    # The mosaic covers the canvas: no row or column is left black.
+    assert photo.max(axis=(1, 2)).min() > 10 and photo.max(axis=(0, 2)).min() > 10
