@@ -150,7 +150,7 @@ def prepare_forms(work: str, photos: str, tile_sizes) -> dict[str, dict]:
             "split": split,
             "prepare_s": seconds,
             "mb": _folder_mb(data_dir),
-            "records": len(split),
+            "images": len(split),
         }
     return out
 
@@ -279,14 +279,14 @@ def main() -> None:
 
     print(f"\nRandom {args.gt_size}x{args.gt_size} crops, batch {args.batch}, flips on; "
           f"median of {args.rounds} rounds.\n")  # fmt: skip
-    print(f"| storage | records | MB on disk | prepare s | crops/s, 0 workers | "
+    print(f"| storage | images | MB on disk | prepare s | crops/s, 0 workers | "
           f"crops/s, {args.workers} workers |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|")
     table = []
     for name, form in forms.items():
         zero = statistics.median(rates[(name, 0)])
         many = statistics.median(rates[(name, args.workers)])
-        print(f"| {name} | {form['records']} | {form['mb']:,.0f} | {form['prepare_s']:.0f} | "
+        print(f"| {name} | {form['images']} | {form['mb']:,.0f} | {form['prepare_s']:.0f} | "
               f"{zero:,.0f} | {many:,.0f} |")  # fmt: skip
         row = {k: v for k, v in form.items() if k not in ("dataset", "split")}
         row["crops_per_s"] = {"0": zero, str(args.workers): many}
@@ -312,7 +312,7 @@ def main() -> None:
         result = {
             "date": datetime.date.today().isoformat(),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "load_average": os.getloadavg(),
+            "load_average_at_end": os.getloadavg(),
             "args": vars(args),
             "photos": {"count": args.photos, "size": list(CANVAS), "png_mb_each": png_mb},
             "storage": table,
