@@ -203,3 +203,21 @@ def test_benchmark_photographs_and_basicsr_windows():
     assert photo.shape[0] * photo.shape[1] >= 2_000_000
     # The mosaic covers the canvas: no row or column is left black.
     assert photo.max(axis=(1, 2)).min() > 10 and photo.max(axis=(0, 2)).min() > 10
+
+
+def test_collate_matches_converting_crop_by_crop():
+    rng = np.random.default_rng(1)
+    crops = [
+        {
+            "gt": rng.integers(0, 256, (5, 6, 3), dtype=np.uint8),
+            "noise": rng.standard_normal((5, 6, 3), dtype=np.float32) * np.float32(0.1),
+        }
+        for _ in range(3)
+    ]
+    batch = pipeline._collate(crops)
+    gt = np.stack([c["gt"].astype(np.float32) / np.float32(255.0) for c in crops])
+    np.testing.assert_array_equal(batch["gt"], gt)
+    np.testing.assert_array_equal(batch["lq"], gt + np.stack([c["noise"] for c in crops]))
+    assert batch["gt"].dtype == batch["lq"].dtype == np.float32
+    paired = pipeline._collate([{"gt": c["gt"], "lq": 255 - c["gt"]} for c in crops])
+    np.testing.assert_allclose(paired["lq"], 1.0 - gt, atol=1e-6)
