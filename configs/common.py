@@ -8,7 +8,8 @@ stage), and nothing else, so an override of a section the run does not use is an
 * `data` (`with_data`): the training set (`ir_lora.data.prepare` names, see data/README.md),
   crop `gt_size`, global `batch_size`, BasicSR augmentation flags, `noise_sigma` (0..255; 0 =
   none) for clean sets, `degrade = "prod"` to synthesise the inputs with PROD inside the step
-  (section `prod`, `with_prod`);
+  (section `prod`, `with_prod`), `worker_count` (input worker processes; -1: the host's
+  default, none on a CPU-only host);
 * the backbone (`with_backbone`): `model` (`variant` from `ir_lora.models.VARIANTS`, and
   constructor `overrides`: any field, e.g. `--config.model.overrides.width=16`), `init` (the
   pre-trained backbone: `checkpoint`, exported params or a workdir; or `torch`, an official
@@ -74,6 +75,7 @@ def with_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "use_rot": True,
             "noise_sigma": 0.0,
             "degrade": "",  # "prod": PROD synthesises the inputs inside the step
+            "worker_count": -1,  # input worker processes; -1: the host's default
         }
     )
     return config

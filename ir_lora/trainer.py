@@ -24,6 +24,7 @@ from clu import parameter_overview
 from ir_lora import checkpointing, losses, train_lib
 from ir_lora import sharding as sharding_lib
 from ir_lora.clu_compat import metric_writers, periodic_actions
+from ir_lora.data import prefetch
 
 # Jitted once per process: merging and reducing metrics eagerly would compile one tiny program
 # per jnp operation.
@@ -201,6 +202,13 @@ def train(
         learning_rate_fn=learning_rate_fn,
     )
     batch_sharding = sharding_lib.data_sharding(mesh)
+    # The next batches are read and put on the devices while the current step runs; the feed's
+    # state is that of the batches the loop has taken, which is what checkpoints record.
+    feed = prefetch.Prefetcher(
+        data_iterator,
+        transform=lambda b: sharding_lib.make_global_batch(b, batch_sharding),
+        max_items=num_steps - int(state.step),
+    )
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=num_steps, writer=writer, every_steps=log_every
     )
@@ -216,10 +224,10 @@ def train(
         unit="step",
         disable=jax.process_index() > 0 or not sys.stderr.isatty(),
     )
-    with progress_bar, metric_writers.ensure_flushes(writer):
+    with progress_bar, metric_writers.ensure_flushes(writer), feed:
         for step in range(first_step + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = sharding_lib.make_global_batch(next(data_iterator), batch_sharding)
+                batch = next(feed)
                 state, metrics = step_fn(state, frozen, batch)
             pending = metrics if pending is None else _merge_metrics(pending, metrics)
             report_progress(step)
@@ -243,6 +251,9 @@ def train(
                 del values["train_nonfinite"]
                 if learning_rate_fn is None:
                     del values["train_learning_rate"]
+                # Share of wall time since the last log spent blocked on the input pipeline.
+                values["data_wait_fraction"] = feed.take_wait_fraction()
+                progress_bar.set_postfix(data_wait=f"{values['data_wait_fraction']:.0%}")
                 writer.write_scalars(step, values)
                 if metrics_log is not None:
                     metrics_log.append({"step": step, **values})
@@ -252,7 +263,7 @@ def train(
                     manager,
                     state,
                     step=step,
-                    data_iterator=data_iterator,
+                    data_iterator=feed,
                     backbone=backbone,
                     references=recorded,
                     extra_metadata={"config": config_json},

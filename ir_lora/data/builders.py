@@ -1,39 +1,65 @@
 """TFDS builders (array_record, no TensorFlow) for clean-image folders and degraded/clean pairs.
 
 The user's folder is the builder's manual directory; a `BuilderConfig` names the sub-folders of
-each split. `prepare` validates every image once, writes the dataset under `data_dir` (skipped
-when already there) and returns TFDS's random-access data source; `load` reopens a prepared
-dataset without the source folder. Examples are dicts
+each split. Each split is stored in one of two forms, by the configuration's `tiled_splits`
+(default: only "train"):
 
-  clean:  {"gt": uint8 (H, W, 3), "name": bytes}
-  paired: {"lq": uint8 (H, W, 3), "gt": uint8 (H, W, 3), "name": bytes}
+* whole images (evaluation splits; builders `IrCleanImages`, `IrPairedImages`): one record per
+  image, `{"gt": image, "lq": image (paired), "name": text}`, the file's own PNG/JPEG bytes (or a
+  lossless PNG of the converted pixels);
+* tiles (training splits; `IrCleanTiles`, `IrPairedTiles`): every image cut into raw uint8 tiles
+  of `tile_size` x `tile_size` pixels (smaller at the right and bottom borders), row by row, one
+  record `{"gt": tile, "lq": tile}` per tile, so that a random crop reads the few tiles it
+  covers and decodes nothing (`ir_lora.data.sources.PreparedSplit` puts them together).
 
-where `name` is the (degraded) file's path relative to its split folder, without extension. The
-dataset's `info.metadata` records the source folder and, per split, the smallest image, so that
-the input pipeline can refuse a too large `gt_size` before training starts.
+Records are in sorted file order (TFDS's shuffling is off). `info.metadata` records the source
+folder, a fingerprint of its files per split (`source_fingerprint`: names, sizes, mtimes), and per
+split every image's `[name, height, width]` (plus its first tile record), the number of images and
+the smallest one, for the pipeline's `gt_size` check. `name` is the (degraded) file's path
+relative to its split folder, without extension.
 """
 
 import abc
 import dataclasses
+import hashlib
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from ir_lora.data import images
 
-_VERSION = tfds.core.Version("1.0.0")
+_VERSION = tfds.core.Version("2.0.0")
+_RELEASE_NOTES = {
+    "2.0.0": "Training splits as raw uint8 tiles; records in file order; source fingerprints.",
+    "1.0.0": "Whole images only.",
+}
+DEFAULT_TILE_SIZE = 128
 
 
 @dataclasses.dataclass(eq=False)
-class CleanConfig(tfds.core.BuilderConfig):
+class _StorageConfig(tfds.core.BuilderConfig):
+    """Attributes shared by both kinds:
+
+    tiled_splits: splits stored as tiles (the training splits); the others keep whole images.
+    tile_size: side of a tile in pixels.
+    """
+
+    tiled_splits: tuple[str, ...] = ("train",)
+    tile_size: int = DEFAULT_TILE_SIZE
+
+
+@dataclasses.dataclass(eq=False)
+class CleanConfig(_StorageConfig):
     """Clean images only: `splits` maps a split name to a sub-folder ("" = the whole folder)."""
 
     splits: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(eq=False)
-class PairedConfig(tfds.core.BuilderConfig):
+class PairedConfig(_StorageConfig):
     """Degraded/clean pairs.
 
     Attributes:
@@ -95,88 +121,147 @@ PAIRED_CONFIGS = (
 _INSTRUCTIONS = "Pass the dataset's root folder as `source_dir`; layouts are in data/README.md."
 
 
-def _present_splits(root: str, folders: Mapping[str, tuple[str, ...]]) -> list[str]:
-    present = [
-        s for s, dirs in folders.items() if all(os.path.isdir(os.path.join(root, d)) for d in dirs)
-    ]
-    if not present:
-        expected = "; ".join(f"{s}: {', '.join(d)}" for s, d in folders.items())
-        raise images.ImageError(f"No split folders found under {root!r}. Expected ({expected}).")
-    return present
+def split_present(root: str, folders: tuple[str, ...]) -> bool:
+    return all(os.path.isdir(os.path.join(root, d)) for d in folders)
+
+
+def source_fingerprint(root: str, folders: Mapping[str, tuple[str, ...]]) -> dict:
+    """Per split: None if a folder is missing, else `{"files", "bytes", "digest"}` of the names,
+    sizes and modification times of its image files.
+
+    Raises:
+      images.ImageError: for a split folder that holds no image file.
+    """
+    out = {}
+    for split, dirs in sorted(folders.items()):
+        if not split_present(root, dirs):
+            out[split] = None
+            continue
+        digest, count, size = hashlib.sha256(), 0, 0
+        for d in dirs:
+            folder = os.path.join(root, d)
+            for rel in images.list_images(folder):
+                stat = os.stat(os.path.join(folder, rel))
+                digest.update(f"{d}\0{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                count, size = count + 1, size + stat.st_size
+        out[split] = {"files": count, "bytes": size, "digest": digest.hexdigest()}
+    return out
+
+
+def tile_grid(height: int, width: int, tile_size: int) -> tuple[int, int]:
+    """(rows, columns) of tiles that cover an image."""
+    return -(-height // tile_size), -(-width // tile_size)
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder):
-    """Shared machinery: only the splits whose folders exist are built."""
+    """Shared machinery: only the splits of this storage form whose folders exist are built."""
 
     VERSION = _VERSION
+    RELEASE_NOTES = _RELEASE_NOTES
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
     # Nothing is downloaded, so there is no checksums file to locate; TFDS's lookup of the code
     # path would import `importlib_resources`, which is not a dependency.
     code_path = None
-    _IMAGE_KEYS: tuple[str, ...] = ()
+    IMAGE_KEYS: tuple[str, ...] = ()
+    TILED = False
 
     def _info(self) -> tfds.core.DatasetInfo:
-        features = {k: tfds.features.Image(shape=(None, None, 3)) for k in self._IMAGE_KEYS}
-        features["name"] = tfds.features.Text()
+        if self.TILED:
+            features = {
+                k: tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding="bytes")
+                for k in self.IMAGE_KEYS
+            }
+        else:
+            features = {k: tfds.features.Image(shape=(None, None, 3)) for k in self.IMAGE_KEYS}
+            features["name"] = tfds.features.Text()
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.builder_config.description,
             features=tfds.features.FeaturesDict(features),
             metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,  # Record i is the i-th image (or tile) in file order.
         )
 
     @abc.abstractmethod
-    def _folders(self) -> dict[str, tuple[str, ...]]:
+    def _all_folders(self) -> dict[str, tuple[str, ...]]:
         """Split name -> the folders (relative to the source folder) the split is read from."""
+
+    @abc.abstractmethod
+    def _images(self, root: str, folders) -> Iterator[tuple[str, str, dict, dict]]:
+        """`(name, path, {key: pixels}, {key: encoded bytes})` per image, validated."""
+
+    def split_folders(self) -> dict[str, tuple[str, ...]]:
+        """The splits this builder holds (those of its storage form), with their folders."""
+        tiled = set(self.builder_config.tiled_splits)
+        return {s: d for s, d in self._all_folders().items() if (s in tiled) == self.TILED}
+
+    # TFDS prints "Downloading and preparing ..." to stdout; nothing is downloaded here.
+    def _log_download_bytes(self) -> None:
+        logging.info("Preparing %s/%s into %s.", self.name, self.builder_config.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("Prepared %s/%s.", self.name, self.builder_config.name)
 
     def _split_generators(self, dl_manager):
         root = os.path.abspath(os.fspath(dl_manager.manual_dir))
-        folders = self._folders()
+        folders = self.split_folders()
         self.info.metadata["source_dir"] = root
+        self.info.metadata["source_files"] = source_fingerprint(root, folders)
         self.info.metadata["splits"] = {}
-        return {
-            s: self._generate_examples(root, s, folders[s]) for s in _present_splits(root, folders)
-        }
+        present = [s for s, dirs in folders.items() if split_present(root, dirs)]
+        return {s: self._generate_examples(root, s, folders[s]) for s in present}
 
-    def _record(self, split: str, name: str, shape) -> None:
-        """Keeps the smallest side seen per split, for the pipeline's gt_size check."""
-        stats = self.info.metadata["splits"].setdefault(
-            split, {"num_examples": 0, "min_side": None, "smallest": None}
-        )
-        stats["num_examples"] += 1
-        if stats["min_side"] is None or min(shape[:2]) < stats["min_side"]:
-            stats["min_side"] = int(min(shape[:2]))
-            stats["smallest"] = name
+    def _generate_examples(self, root, split, folders):
+        stats = {"num_examples": 0, "min_side": None, "smallest": None, "images": []}
+        self.info.metadata["splits"][split] = stats
+        key, size = 0, self.builder_config.tile_size
+        for name, path, pixels, encoded in self._images(root, folders):
+            h, w = pixels["gt"].shape[:2]
+            stats["num_examples"] += 1
+            if stats["min_side"] is None or min(h, w) < stats["min_side"]:
+                stats["min_side"], stats["smallest"] = int(min(h, w)), path
+            if not self.TILED:
+                stats["images"].append([name, int(h), int(w)])
+                yield key, {**encoded, "name": name}
+                key += 1
+                continue
+            stats["images"].append([name, int(h), int(w), key])
+            for top in range(0, h, size):
+                for left in range(0, w, size):
+                    window = (slice(top, top + size), slice(left, left + size))
+                    yield key, {k: np.ascontiguousarray(v[window]) for k, v in pixels.items()}
+                    key += 1
 
 
 class IrCleanImages(_Builder):
     """Every image file under a folder (recursively), one clean image per example."""
 
     BUILDER_CONFIGS = list(CLEAN_CONFIGS)
-    _IMAGE_KEYS = ("gt",)
+    IMAGE_KEYS = ("gt",)
 
-    def _folders(self):
+    def _all_folders(self):
         return {s: (d,) for s, d in self.builder_config.splits.items()}
 
-    def _generate_examples(self, root, split, folders):
+    def _images(self, root, folders):
         folder = os.path.join(root, folders[0])
-        for rel in images.list_images(folder):
+        files = images.list_images(folder)
+        images.unique_stems(files, folder, "clean")
+        for rel in files:
             path = os.path.join(folder, rel)
             pixels, encoded = images.load_rgb(path)
-            self._record(split, path, pixels.shape)
-            yield rel, {"gt": encoded, "name": images.stem(rel)}
+            yield images.stem(rel), path, {"gt": pixels}, {"gt": encoded}
 
 
 class IrPairedImages(_Builder):
     """Degraded/clean pairs matched by file name; every pair must have the same size."""
 
     BUILDER_CONFIGS = list(PAIRED_CONFIGS)
-    _IMAGE_KEYS = ("lq", "gt")
+    IMAGE_KEYS = ("lq", "gt")
 
-    def _folders(self):
+    def _all_folders(self):
         return dict(self.builder_config.splits)
 
-    def _generate_examples(self, root, split, folders):
+    def _images(self, root, folders):
         lq_dir, gt_dir = (os.path.join(root, d) for d in folders)
         pairs = images.match_pairs(
             lq_dir,
@@ -189,92 +274,64 @@ class IrPairedImages(_Builder):
             lq, lq_bytes = images.load_rgb(lq_path)
             gt, gt_bytes = images.load_rgb(gt_path)
             images.check_same_size([(gt_path, gt.shape), (lq_path, lq.shape)])
-            self._record(split, lq_path, gt.shape)
-            yield lq_rel, {"lq": lq_bytes, "gt": gt_bytes, "name": images.stem(lq_rel)}
+            yield (
+                images.stem(lq_rel),
+                lq_path,
+                {"lq": lq, "gt": gt},
+                {"lq": lq_bytes, "gt": gt_bytes},
+            )
+
+
+class IrCleanTiles(IrCleanImages):
+    """The training splits of `IrCleanImages`' configurations, as raw tiles."""
+
+    TILED = True
+
+
+class IrPairedTiles(IrPairedImages):
+    """The training splits of `IrPairedImages`' configurations, as raw tiles."""
+
+    TILED = True
 
 
 DATASETS: dict[str, tuple[type[_Builder], tfds.core.BuilderConfig]] = {
     **{c.name: (IrCleanImages, c) for c in CLEAN_CONFIGS},
     **{c.name: (IrPairedImages, c) for c in PAIRED_CONFIGS},
 }
+_TILED = {IrCleanImages: IrCleanTiles, IrPairedImages: IrPairedTiles}
 
 
-def _builder(dataset, data_dir: str) -> _Builder:
+def config_of(dataset) -> tuple[type[_Builder], tfds.core.BuilderConfig]:
+    """`(whole-image builder class, config)` of a dataset name or custom config."""
     if isinstance(dataset, CleanConfig):
-        cls, config = IrCleanImages, dataset
-    elif isinstance(dataset, PairedConfig):
-        cls, config = IrPairedImages, dataset
-    elif dataset in DATASETS:
-        cls, config = DATASETS[dataset]
-    else:
-        raise ValueError(
-            f"Unknown dataset {dataset!r}; expected one of {sorted(DATASETS)} or a "
-            "CleanConfig/PairedConfig."
-        )
-    return cls(data_dir=os.fspath(data_dir), config=config, file_format="array_record")
+        return IrCleanImages, dataset
+    if isinstance(dataset, PairedConfig):
+        return IrPairedImages, dataset
+    if isinstance(dataset, str) and dataset in DATASETS:
+        return DATASETS[dataset]
+    raise ValueError(
+        f"Unknown dataset {dataset!r}; expected one of {sorted(DATASETS)} or a "
+        "CleanConfig/PairedConfig."
+    )
 
 
-def _source(builder: tfds.core.DatasetBuilder, split: str):
-    if split not in builder.info.splits:
-        raise ValueError(
-            f"Split {split!r} of {builder.name}/{builder.builder_config.name} was not prepared "
-            f"(its folders were missing); prepared splits: {sorted(builder.info.splits)}. "
-            "Add the folders and prepare again with overwrite=True."
-        )
-    return builder.as_data_source(split)
-
-
-def prepare(
-    dataset: str | CleanConfig | PairedConfig,
-    *,
-    source_dir: str,
-    data_dir: str,
-    split: str = "train",
-    overwrite: bool = False,
-):
-    """Builds a dataset once from image folders and returns one split as a random-access source.
-
-    Args:
-      dataset: a name from `DATASETS` ("images", "paired", "sidd", "gopro", "rain100l",
-        "rain100h", "sots", "lol", "cbsd68", "div2k"), or a custom `CleanConfig`/`PairedConfig`.
-      source_dir: the dataset's root folder (layouts in data/README.md).
-      data_dir: where the prepared array_record files go (TFDS `data_dir`).
-      split: the split to return.
-      overwrite: rebuild even if `data_dir` already holds this dataset.
-
-    Returns:
-      TFDS's array_record data source: `len(src)`, `src[i]` -> example dict (see module doc).
+def builder_for(dataset, data_dir: str, split: str) -> _Builder:
+    """The builder that holds `split` of `dataset` (tiles for a training split) in `data_dir`.
 
     Raises:
-      images.ImageError: naming the file for an unreadable image, a missing partner or a size
-        mismatch; or when no split folder exists.
-      ValueError: when `data_dir` holds this dataset built from another folder, or `split` is
-        not among the prepared splits.
+      ValueError: for an unknown dataset or a split its configuration does not have.
     """
-    source_dir = os.path.abspath(os.fspath(source_dir))
-    if not os.path.isdir(source_dir):
-        raise images.ImageError(f"Dataset folder {source_dir!r} does not exist.")
-    builder = _builder(dataset, data_dir)
-    if builder.is_prepared() and not overwrite:
-        built_from = builder.info.metadata.get("source_dir")
-        if built_from != source_dir:
-            raise ValueError(
-                f"{builder.data_dir} holds {builder.builder_config.name!r} prepared from "
-                f"{built_from!r}, not {source_dir!r}: use another data_dir or overwrite=True."
-            )
-        return _source(builder, split)
-    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    if overwrite:
-        mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=source_dir, download_mode=mode)
-    )
-    return _source(builder, split)
-
-
-def load(dataset: str | CleanConfig | PairedConfig, *, data_dir: str, split: str = "train"):
-    """Reopens a dataset that `prepare` built under `data_dir` (the source folder is not needed)."""
-    builder = _builder(dataset, data_dir)
-    if not builder.is_prepared():
-        raise ValueError(f"{builder.data_dir} holds no prepared dataset; call prepare() first.")
-    return _source(builder, split)
+    cls, config = config_of(dataset)
+    if split not in config.splits:
+        raise ValueError(
+            f"Dataset {config.name!r} has no split {split!r}; its splits: {sorted(config.splits)}."
+        )
+    if split in config.tiled_splits:
+        cls = _TILED[cls]
+    # A named configuration goes by name: a copy of its object (as pickled into grain's worker
+    # processes) would be refused by TFDS as a custom config that reuses a registered name.
+    by_name = isinstance(dataset, str)
+    return cls(
+        data_dir=os.fspath(data_dir), config=config.name if by_name else config,
+        file_format="array_record",
+    )  # fmt: skip

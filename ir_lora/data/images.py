@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 _PASS_THROUGH_FORMATS = ("PNG", "JPEG")
@@ -89,9 +89,19 @@ def load_rgb(path: str) -> tuple[np.ndarray, bytes]:
     try:
         with open(path, "rb") as f:
             raw = f.read()
+    except OSError as e:
+        raise ImageError(f"Cannot read image {path!r}: {e}") from e
+    if not raw:
+        raise ImageError(f"Cannot read image {path!r}: the file is empty (0 bytes).")
+    try:
         img = Image.open(io.BytesIO(raw))
         fmt = img.format
         img.load()  # decodes fully, so a truncated file fails here and not during training
+    except UnidentifiedImageError as e:
+        # Pillow's message names the in-memory buffer, not the file.
+        raise ImageError(
+            f"Cannot read image {path!r}: not an image in a format Pillow can decode."
+        ) from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"Cannot read image {path!r}: {e}") from e
     rgb = _to_rgb(img, path)
@@ -110,6 +120,19 @@ def stem(path: str) -> str:
     return os.path.splitext(path)[0]
 
 
+def unique_stems(files: list[str], folder: str, kind: str) -> dict[str, str]:
+    """`{stem: file}`; two files with one stem (`X.png`, `X.jpg`) are an `ImageError`."""
+    by_stem: dict[str, str] = {}
+    for f in files:
+        if stem(f) in by_stem:
+            raise ImageError(
+                f"Two {kind} images share the name {stem(f)!r} in {folder!r}: "
+                f"{by_stem[stem(f)]!r} and {f!r}."
+            )
+        by_stem[stem(f)] = f
+    return by_stem
+
+
 def match_pairs(
     lq_dir: str, gt_dir: str, *, gt_stem_pattern: str = r"(.+)", gt_name_template: str = "{}"
 ) -> list[tuple[str, str]]:
@@ -125,17 +148,13 @@ def match_pairs(
       Sorted `(lq_path, gt_path)` pairs of paths relative to `lq_dir` and `gt_dir`.
 
     Raises:
-      ImageError: naming the file with no partner, or whose name does not fit the pattern.
+      ImageError: naming the file with no partner, or whose name does not fit the pattern, or
+        two files of one folder that share a name without extension (`X.png`, `X.jpg`).
     """
     lq_files, gt_files = list_images(lq_dir), list_images(gt_dir)
-    gt_by_stem: dict[str, str] = {}
-    for g in gt_files:
-        if stem(g) in gt_by_stem:
-            raise ImageError(
-                f"Two clean images share the name {stem(g)!r} in {gt_dir!r}: "
-                f"{gt_by_stem[stem(g)]!r} and {g!r}."
-            )
-        gt_by_stem[stem(g)] = g
+    gt_by_stem = unique_stems(gt_files, gt_dir, "clean")
+    # Results, tables and saved images are keyed by the degraded file's stem.
+    unique_stems(lq_files, lq_dir, "degraded")
     pattern = re.compile(gt_stem_pattern)
     pairs, used = [], set()
     for q in lq_files:

@@ -14,20 +14,33 @@ clean data. With `noise_sigma` (on the 0..255 scale, or a list to choose from pe
 `lq = gt + N(0, sigma/255)` is made on the fly from clean data, without clipping, as Restormer
 does for Gaussian denoising.
 
+From a prepared (tiled) training split a crop reads only the tiles it covers, so loading costs
+about the same for a 256x256 crop of a 2K photograph as of a small image; `worker_count` grain
+processes can share the work (ir_lora/data/prefetch.py overlaps it with the training step).
+
 An image smaller than `gt_size` is an error when the pipeline is built (the prepared dataset
 records its smallest image); it is not padded, since padding would teach the model the padding.
 """
 
+import functools
+import os
+import sys
 from collections.abc import Sequence
 
 import grain
 import jax
 import numpy as np
+from absl import flags
+
+from ir_lora.data.batch_stream import BatchStream
+from ir_lora.data.sources import PreparedSplit
 
 
 def _examples_have_lq(source) -> bool:
     if len(source) == 0:
         raise ValueError("The dataset is empty.")
+    if isinstance(source, PreparedSplit):
+        return source.has_lq
     return "lq" in source[0]
 
 
@@ -85,6 +98,81 @@ def _make_lq(example, gt: np.ndarray, noise_sigma, rng) -> np.ndarray | None:
     return None
 
 
+def _collate(crops: Sequence[dict]) -> dict:
+    """Stacks uint8 crops into float32 batches in [0, 1], each value written once; with noise,
+    `lq = gt + noise` (the same values as converting crop by crop)."""
+    shape = (len(crops), *crops[0]["gt"].shape)
+    batch = {}
+    for key in ("gt", "lq"):
+        if key in crops[0]:
+            out = np.empty(shape, np.float32)
+            for i, crop in enumerate(crops):
+                np.divide(crop[key], np.float32(255.0), out=out[i], dtype=np.float32)
+            batch[key] = out
+    if "noise" in crops[0]:
+        lq = np.empty(shape, np.float32)
+        for i, crop in enumerate(crops):
+            np.add(batch["gt"][i], crop["noise"], out=lq[i])
+        batch["lq"] = lq
+    return batch
+
+
+def default_worker_count() -> int:
+    """Worker processes for `worker_count=-1`: none where the step runs on the CPU itself (the
+    cores are the step's), else up to 8, leaving half the host's cores to the training process."""
+    if jax.default_backend() == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 2) // 2))
+
+
+def resolve_worker_count(worker_count: int) -> int:
+    """`worker_count`, with -1 meaning `default_worker_count()`."""
+    worker_count = int(worker_count)
+    if worker_count == -1:
+        return default_worker_count()
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, or -1 for the default; got {worker_count}.")
+    return worker_count
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    """The example order of one epoch: a permutation of `range(count)` drawn from (seed, epoch).
+
+    One permutation per epoch, cached; grain's per-element index shuffle costs milliseconds per
+    element for datasets of a few images.
+    """
+    return np.random.default_rng([seed % 2**64, epoch, 0x5EED]).permutation(count)
+
+
+def _random_window(source, index: int, size: int, rng: np.random.Generator) -> dict:
+    """A random `size` x `size` window of example `index` (the same for `gt` and `lq`).
+
+    A `PreparedSplit` reads only the window; any other sequence of example dicts is indexed
+    whole and sliced. The random draws are the same either way.
+    """
+    if isinstance(source, PreparedSplit):
+        (h, w), name, example = source.image_size(index), source.name(index), None
+    else:
+        example = source[index]
+        h, w = example["gt"].shape[:2]
+        name = _name(example)
+    if min(h, w) < size:
+        raise ValueError(f"gt_size={size} is larger than image {name!r} ({h}x{w}).")
+    top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+    if example is None:
+        return source.window(index, int(top), int(left), size, size)
+    window = (slice(top, top + size), slice(left, left + size))
+    return {k: example[k][window] for k in ("gt", "lq") if k in example}
+
+
+def _ensure_flags_parsed() -> None:
+    # grain's worker processes read absl flags; outside `absl.app.run` nothing parsed them.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def train_dataset(
     source,
     *,
@@ -98,12 +186,13 @@ def train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     worker_count: int = 0,
-) -> grain.IterDataset:
+) -> BatchStream:
     """The training stream of one process: shuffled, repeated, cropped, augmented, batched.
 
     Args:
-      source: random-access examples (`prepare(...)`'s data source, or any sequence of dicts with
-        uint8 `"gt"` and optionally `"lq"` HWC arrays).
+      source: random-access examples: `prepare(...)`'s `PreparedSplit` (crops read only the
+        tiles they cover), or any sequence of dicts with uint8 `"gt"` and optionally `"lq"` HWC
+        arrays.
       gt_size: side of the square training crop (BasicSR `gt_size`).
       global_batch_size: examples per step over all processes.
       seed: shuffling and augmentation seed.
@@ -114,20 +203,22 @@ def train_dataset(
       num_epochs: passes over the data; None repeats forever.
       process_index: this process (default `jax.process_index()`).
       process_count: number of processes (default `jax.process_count()`).
-      worker_count: grain worker processes that decode and augment; 0 works in the calling
-        thread. The batches are the same either way. More than 0 needs absl flags parsed
-        (`absl.app.run`); close such an iterator with `it.close()`.
+      worker_count: grain worker processes that read, crop, augment and batch (each makes whole
+        batches); 0 works in the calling thread, -1 is `default_worker_count()`. The batches are
+        the same either way. Close an iterator with workers with `it.close()`.
 
     Returns:
-      A `grain.IterDataset`; `iter(...)` gives a checkpointable `grain.DatasetIterator` of
+      A `BatchStream`; `iter(...)` gives a checkpointable `grain.DatasetIterator` of
       `{"lq": (B, gt_size, gt_size, 3), "gt": ...}` float32 batches (`{"gt"}` only for clean
-      data without `noise_sigma`), `B = global_batch_size // process_count`.
+      data without `noise_sigma`), `B = global_batch_size // process_count`. Its state,
+      `{"next_index": batches consumed}`, does not depend on `worker_count`.
 
     Raises:
       ValueError: for a bad gt_size or batch size, or an image smaller than gt_size.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    worker_count = resolve_worker_count(worker_count)
     if gt_size <= 0:
         raise ValueError(f"gt_size must be positive, got {gt_size}.")
     if global_batch_size <= 0 or global_batch_size % process_count:
@@ -140,30 +231,35 @@ def train_dataset(
         raise ValueError("noise_sigma makes lq from clean images; this dataset already has lq.")
     _check_min_size(source, gt_size)
 
-    def crop_and_augment(example, rng: np.random.Generator):
-        gt = example["gt"]
-        h, w = gt.shape[:2]
-        if min(h, w) < gt_size:
-            raise ValueError(
-                f"gt_size={gt_size} is larger than image {_name(example)!r} ({h}x{w})."
-            )
-        top, left = rng.integers(0, h - gt_size + 1), rng.integers(0, w - gt_size + 1)
-        window = (slice(top, top + gt_size), slice(left, left + gt_size))
-        crops = [gt[window]] + ([example["lq"][window]] if paired else [])
+    count = len(source)
+
+    def crop_and_augment(position, rng: np.random.Generator):
+        epoch, offset = divmod(int(position), count)
+        index = int(epoch_order(seed, epoch, count)[offset])
+        window = _random_window(source, index, gt_size, rng)
+        crops = [window["gt"]] + ([window["lq"]] if paired else [])
         crops = augment(crops, rng, use_hflip=use_hflip, use_rot=use_rot)
-        out = {"gt": _to_float(crops[0])}
-        lq = _make_lq({"lq": crops[1]} if paired else {}, out["gt"], noise_sigma, rng)
-        if lq is not None:
-            out["lq"] = lq
+        # uint8 until the batch is put together (`_collate`): a quarter of the bytes to copy.
+        out = {"gt": crops[0]}
+        if paired:
+            out["lq"] = crops[1]
+        elif noise_sigma is not None:
+            sigma = _noise_sigma(noise_sigma, rng)
+            noise = rng.standard_normal(crops[0].shape, dtype=np.float32)
+            out["noise"] = noise * np.float32(sigma / 255.0)
         return out
 
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    # Element i is the i-th example of the endless (or num_epochs long) shuffled stream.
+    ds = grain.MapDataset.range(sys.maxsize if num_epochs is None else count * num_epochs)
     # Augment before sharding, so that the randomness follows the global position of an example.
     ds = ds.random_map(crop_and_augment, seed=seed)
-    ds = ds[process_index::process_count].to_iter_dataset()
+    ds = ds[process_index::process_count]
+    # Batching on the map dataset makes batch k a pure function of k, so that the workers (each
+    # taking every worker_count-th batch) give the same stream as the calling thread.
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=True, batch_fn=_collate)
     if worker_count > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return ds.batch(global_batch_size // process_count, drop_remainder=True)
+        _ensure_flags_parsed()
+    return BatchStream(ds, worker_count)
 
 
 def eval_dataset(source, *, noise_sigma: float | None = None, seed: int = 0) -> grain.MapDataset:

@@ -39,6 +39,7 @@ def train_iterator(config, workdir: str):
         use_hflip=config.data.use_hflip,
         use_rot=config.data.use_rot,
         noise_sigma=_noise_sigma(config.data),
+        worker_count=config.data.get("worker_count", 0),
     )
     return iter(dataset)
 

@@ -82,6 +82,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    # Every split the run evaluates is prepared (or found missing) before any training.
+    eval_inputs = services.eval_datasets(config, workdir) if config.eval.datasets else None
     config = services.with_recorded_references(config, workdir)
     model = services.build_model(config)
     adaptation = services.build_adaptation(config, model)
@@ -116,13 +118,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         export = services.export_params(params, os.path.join(workdir, where))
 
     results = None
-    if config.eval.datasets:
+    if eval_inputs:
         results = services.run_evaluation(
-            config,
-            restore_fn,
-            params,
-            services.eval_datasets(config, workdir),
-            os.path.join(workdir, "eval"),
+            config, restore_fn, params, eval_inputs, os.path.join(workdir, "eval")
         )
     return {"report": report, "export": export, "eval": results}
 

@@ -140,9 +140,7 @@ def test_prepare_clean_folder_of_sample_photos(tmp_path):
     for name, pixels in by_name.items():
         np.testing.assert_array_equal(pixels, np.asarray(Image.open(f"{folder}/{name}.png")))
     assert "tensorflow" not in sys.modules
-    # A second call reuses the prepared files (the source folder is not read again) ...
-    os.remove(f"{folder}/coffee.png")
-    assert len(data.prepare("images", source_dir=folder, data_dir=str(tmp_path / "tfds"))) == 6
+    # A prepared split is reopened without the source folder ...
     assert len(data.load("images", data_dir=str(tmp_path / "tfds"))) == 6
     # ... and refuses to pass off another folder's data as this one's.
     other = data.write_sample_folder(str(tmp_path / "other"), max_side=16)
@@ -168,11 +166,14 @@ def test_prepare_paired_named_config_and_split_errors(tmp_path):
     src = data.prepare("sots", source_dir=str(root), data_dir=str(tmp_path / "t"), split="outdoor")
     assert len(src) == 1 and src[0]["name"] == b"0001_0.8_0.2"
     assert src[0]["lq"].shape == src[0]["gt"].shape == (12, 10, 3)
-    with pytest.raises(ValueError, match="'indoor' of .* was not prepared"):
+    with pytest.raises(images.ImageError, match="Split 'indoor' of dataset 'sots' .*missing: .*"
+                       "indoor/hazy', .*indoor/gt'"):  # fmt: skip
         data.prepare("sots", source_dir=str(root), data_dir=str(tmp_path / "t"), split="indoor")
     with pytest.raises(ValueError, match="Unknown dataset 'nope'"):
         data.prepare("nope", source_dir=str(root), data_dir=str(tmp_path / "t"))
-    with pytest.raises(images.ImageError, match="No split folders"):
+    with pytest.raises(ValueError, match="'sots' has no split 'train'; its splits: .*outdoor"):
+        data.prepare("sots", source_dir=str(root), data_dir=str(tmp_path / "t"))
+    with pytest.raises(images.ImageError, match="Split 'train' of dataset 'lol' .*our485/low"):
         data.prepare("lol", source_dir=str(root), data_dir=str(tmp_path / "t"))
 
 
@@ -361,3 +362,163 @@ def test_sidd_validation_blocks_become_a_prepared_val_split(tmp_path):
     example = next(x for x in (src[i] for i in range(len(src))) if x["name"] == b"01_02")
     np.testing.assert_array_equal(example["lq"], noisy[1, 2])
     np.testing.assert_array_equal(example["gt"], gt[1, 2])
+
+
+# ---------------------------------------------------------------------- storage forms (tiles)
+
+
+def _whole_image_config(kind, name, **fields):
+    """The same layout as a named configuration, but every split kept as whole images."""
+    return kind(name=name, tiled_splits=(), **fields)
+
+
+def test_tiles_give_the_pixels_and_crops_of_whole_images(tmp_path):
+    # Sizes that the tile size does not divide, and a tile size smaller than every crop.
+    root = _paired_folder(tmp_path / "set", sizes=((23, 31), (17, 40), (30, 30)))
+    tiled_config = data.PairedConfig(
+        name="paired_tiles_7", splits={"train": ("train/lq", "train/gt")}, tile_size=7
+    )
+    whole_config = _whole_image_config(
+        data.PairedConfig, "paired_whole", splits={"train": ("train/lq", "train/gt")}
+    )
+    tiled = data.prepare(tiled_config, source_dir=root, data_dir=str(tmp_path / "t"))
+    whole = data.prepare(whole_config, source_dir=root, data_dir=str(tmp_path / "t"))
+    assert tiled.tiled and not whole.tiled and len(tiled) == len(whole) == 3
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        a, b = tiled[i], whole[i]
+        assert a["name"] == b["name"]
+        for key in ("lq", "gt"):
+            np.testing.assert_array_equal(a[key], b[key])
+        h, w = tiled.image_size(i)
+        assert (h, w) == b["gt"].shape[:2]
+        for _ in range(20):
+            size_h, size_w = rng.integers(1, h + 1), rng.integers(1, w + 1)
+            top, left = rng.integers(0, h - size_h + 1), rng.integers(0, w - size_w + 1)
+            got = tiled.window(i, top, left, size_h, size_w)
+            for key in ("lq", "gt"):
+                np.testing.assert_array_equal(
+                    got[key], b[key][top : top + size_h, left : left + size_w]
+                )
+    with pytest.raises(ValueError, match="exceeds image"):
+        tiled.window(0, 20, 0, 10, 10)
+    # The training stream is the same batch for batch: tiles only change how pixels are read.
+    kwargs = dict(gt_size=16, global_batch_size=3, seed=5)
+    for a, b in zip(
+        _take(iter(pipeline.train_dataset(tiled, **kwargs)), 4),
+        _take(iter(pipeline.train_dataset(whole, **kwargs)), 4),
+    ):
+        for key in ("lq", "gt"):
+            np.testing.assert_array_equal(a[key], b[key])
+        np.testing.assert_allclose(a["lq"], 1.0 - a["gt"], atol=1e-6)
+
+
+def test_training_split_is_tiled_and_evaluation_splits_keep_whole_images(tmp_path):
+    root = _paired_folder(tmp_path / "set")
+    _paired_folder(tmp_path / "set", split="val", sizes=((12, 14),))
+    train = data.prepare("paired", source_dir=root, data_dir=str(tmp_path / "t"))
+    val = data.prepare("paired", source_dir=root, data_dir=str(tmp_path / "t"), split="val")
+    assert train.tiled and not val.tiled
+    # The evaluation split stores each file's own PNG bytes, as before.
+    builder = data.IrPairedImages(data_dir=str(tmp_path / "t"), config="paired")
+    import tensorflow_datasets as tfds
+
+    (record,) = builder.as_data_source("val", decoders={"gt": tfds.decode.SkipDecoding()})
+    assert record["gt"] == Path(f"{root}/val/gt/000.png").read_bytes()
+    # A split prepared once can be read back in another process (it pickles by reference).
+    import pickle
+
+    again = pickle.loads(pickle.dumps(train))
+    np.testing.assert_array_equal(again[1]["gt"], train[1]["gt"])
+
+
+# --------------------------------------------------------------- stale data and missing splits
+
+
+def test_a_changed_source_folder_is_prepared_again(tmp_path, caplog):
+    folder = data.write_sample_folder(str(tmp_path / "photos"), max_side=32)
+    tfds_dir = str(tmp_path / "tfds")
+    assert len(data.prepare("images", source_dir=folder, data_dir=tfds_dir)) == 6
+    _save(f"{folder}/extra.png", _rand((40, 36, 3)))  # a file added after the first run
+    with caplog.at_level("WARNING"):
+        src = data.prepare("images", source_dir=folder, data_dir=tfds_dir)
+    assert len(src) == 7 and "extra" in {src.name(i) for i in range(7)}
+    assert "changed since it was prepared" in caplog.text and "6 files" in caplog.text
+    # A file rewritten with other pixels (same name) is noticed too, and nothing else is.
+    _save(f"{folder}/extra.png", _rand((40, 36, 3), seed=9))
+    os.utime(f"{folder}/extra.png", ns=(1, 1))
+    src = data.prepare("images", source_dir=folder, data_dir=tfds_dir)
+    index = [src.name(i) for i in range(7)].index("extra")
+    np.testing.assert_array_equal(src[index]["gt"], _rand((40, 36, 3), seed=9))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data.prepare("images", source_dir=folder, data_dir=tfds_dir)
+    assert "changed" not in caplog.text
+
+
+def test_a_split_folder_added_later_is_prepared(tmp_path):
+    root = _paired_folder(tmp_path / "set")
+    tfds_dir = str(tmp_path / "t")
+    data.prepare("paired", source_dir=root, data_dir=tfds_dir, split="train")
+    with pytest.raises(images.ImageError, match=r"Split 'val' .*missing: .*set/val/lq"):
+        data.prepare("paired", source_dir=root, data_dir=tfds_dir, split="val")
+    _paired_folder(tmp_path / "set", split="val", sizes=((12, 14),))
+    val = data.prepare("paired", source_dir=root, data_dir=tfds_dir, split="val")
+    assert len(val) == 1 and val[0]["gt"].shape == (12, 14, 3)
+
+
+def test_finetune_without_val_folder_fails_before_training(tmp_path):
+    from configs import finetune_lora
+    from ir_lora.stages import registry
+
+    root = _paired_folder(tmp_path / "set", sizes=((40, 40), (40, 40)))
+    config = finetune_lora.get_config()
+    config.unlock()
+    config.data.source_dir = root
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.eval.datasets.val.source_dir = root
+    config.init.checkpoint = str(tmp_path / "no_backbone_needed_yet")
+    config.lock()
+    workdir = tmp_path / "run"
+    with pytest.raises(images.ImageError, match=r"Split 'val' of dataset 'paired'.*set/val/lq"):
+        registry.train(config, str(workdir))
+    assert not (workdir / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------ errors and messages
+
+
+def test_empty_folder_and_empty_file_errors_name_the_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(images.ImageError, match="No image files .*empty"):
+        data.prepare("images", source_dir=str(tmp_path / "empty"), data_dir=str(tmp_path / "t"))
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "blank.png").write_bytes(b"")
+    with pytest.raises(images.ImageError, match=r"blank.png.*empty \(0 bytes\)") as info:
+        data.prepare("images", source_dir=str(tmp_path / "zero"), data_dir=str(tmp_path / "t"))
+    assert "BytesIO" not in str(info.value)
+    (tmp_path / "zero" / "blank.png").write_bytes(b"definitely not an image")
+    with pytest.raises(images.ImageError, match="blank.png.*not an image") as info:
+        images.load_rgb(str(tmp_path / "zero" / "blank.png"))
+    assert "BytesIO" not in str(info.value)
+    with pytest.raises(images.ImageError, match="source_dir is empty"):
+        data.prepare("images", source_dir="", data_dir=str(tmp_path / "t"))
+
+
+def test_two_degraded_files_with_one_name_are_refused(tmp_path):
+    root = _paired_folder(tmp_path / "set")
+    _save(f"{root}/train/lq/001.jpg", _rand((18, 26, 3)))
+    with pytest.raises(images.ImageError, match="Two degraded images share the name '001'"):
+        data.prepare("paired", source_dir=root, data_dir=str(tmp_path / "t"))
+    clean = tmp_path / "clean"
+    _save(f"{clean}/a.png", _rand((8, 8, 3)))
+    _save(f"{clean}/a.jpg", _rand((8, 8, 3)))
+    with pytest.raises(images.ImageError, match="Two clean images share the name 'a'"):
+        data.prepare("images", source_dir=str(clean), data_dir=str(tmp_path / "t"))
+
+
+def test_preparing_a_local_folder_prints_no_download_message(tmp_path, capfd):
+    folder = data.write_sample_folder(str(tmp_path / "photos"), max_side=16)
+    data.prepare("images", source_dir=folder, data_dir=str(tmp_path / "tfds"))
+    out, err = capfd.readouterr()
+    assert "Downloading" not in out + err and "downloaded" not in out + err
