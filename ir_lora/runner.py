@@ -212,7 +212,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shapes = models.param_shapes(config.model.variant, **dict(config.model.get("overrides", {})))
     report = adaptation.report(shapes)
     logging.info("Parameters (%s, method=%s):\n%s", config.model.variant, config.method, report)
-    _write_text(os.path.join(workdir, "parameters.md"), report.to_markdown() + "\n")
 
     data_iterator = train_iterator(config, workdir)
     # The fixed image-summary crops are the first batch; rewinding keeps the training
@@ -230,6 +229,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         references=references,
         eval_fn=sample_images_fn(adaptation, samples, seed=config.seed),
     )
+    # Written after training: a rerun whose config does not fit the checkpoints stops before.
+    _write_text(os.path.join(workdir, "parameters.md"), report.to_markdown() + "\n")
     variables = jax.device_get(partition.combine(state.trainable, frozen))
     restore_fn, params = inference(adaptation, model, variables)
     export = None
@@ -287,6 +288,10 @@ def restore_trained(config, workdir: str) -> tuple[dict, methods.Adaptation, int
     the checkpoint recorded. Returns `(variables, adaptation, step)`; `inference` turns them into
     a restore function and its params (adapters merged where the method allows).
     """
+    # First: a missing workdir is an error that names it, before anything is built or written.
+    manager = checkpointing.make_manager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), create=False
+    )
     config = _prepare(config, workdir, training=False)
     model = build_model(config)
     adaptation = build_adaptation(config, model)
@@ -300,9 +305,8 @@ def restore_trained(config, workdir: str) -> tuple[dict, methods.Adaptation, int
         mesh=sharding_lib.make_mesh(config),
         init_args=init_args,
     )
-    manager = checkpointing.make_manager(os.path.join(os.path.abspath(workdir), "checkpoints"))
     restored = checkpointing.restore(
-        manager, state, backbone_path=backbone_path, reference_paths=references
+        manager, state, backbone_path=backbone_path, reference_paths=references, config=config
     )
     if restored is None:
         raise FileNotFoundError(f"No readable checkpoint in {workdir}/checkpoints")
