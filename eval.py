@@ -31,7 +31,10 @@ def main(argv):
         raise app.UsageError("Give exactly one of --workdir and --checkpoint.")
     logging.set_verbosity(logging.INFO)
     tfds.disable_progress_bar()  # The trainer has its own; TFDS's bars clutter the logs.
-    from ir_lora import allinone, evaluator, runner
+    from ir_lora import allinone, evaluator, preflight, runner
+
+    if FLAGS.workdir:
+        preflight.require_workdir(FLAGS.workdir)  # a typo must not create a folder
 
     if FLAGS.config.stage == "allinone":
         if not FLAGS.workdir or FLAGS.datasets:

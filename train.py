@@ -25,8 +25,12 @@ def main(argv):
     sharding.maybe_initialize_distributed()
     logging.set_verbosity(logging.INFO)
     tfds.disable_progress_bar()  # The trainer has its own; TFDS's bars clutter the logs.
-    from ir_lora import allinone, quickstart, router_stage, runner
+    from ir_lora import allinone, preflight, quickstart, router_stage, runner, workdir
 
+    # Before anything is written: a config that would fail later, then one run per workdir (the
+    # lock is held until this process exits).
+    preflight.check_run(FLAGS.config)
+    workdir.acquire(FLAGS.workdir)
     if FLAGS.config.stage == "quickstart":
         quickstart.run(FLAGS.config, FLAGS.workdir)
     elif FLAGS.config.stage == "router":

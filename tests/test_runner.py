@@ -111,11 +111,33 @@ def test_lora_finetune_saves_only_adapters_and_evaluates(pretrained, folders, tm
     assert n_trainable == report.trainable
     assert all("lora" in k or "kernel" not in k for k in _paths(trainable))
 
+    # Another LoRA rank is an error that names the arrays and the config key, and moves nothing:
+    # the right config still evaluates the checkpoint afterwards.
+    before = _files(workdir)
+    wrong = config.copy_and_resolve_references()
+    wrong.lora.rank = 8
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r"lora_a is float32\[.*\] in the checkpoint.*lora\.rank: 4 in the checkpoint, 8 now",
+    ):
+        runner.evaluate(wrong, workdir=str(workdir), out_dir=str(tmp_path / "wrong"))
+    assert _files(workdir) == before and not (tmp_path / "wrong").exists()
+
     # eval.py's path restores the same model the run evaluated at its end.
     again = runner.evaluate(config, workdir=str(workdir), out_dir=str(tmp_path / "again"))
     trained = out["eval"]["datasets"]["val"]["mean"]
     np.testing.assert_allclose(again["datasets"]["val"]["mean"]["psnr"], trained["psnr"], rtol=1e-6)
     assert (workdir / "eval" / "results.md").exists()
+
+
+def _files(directory):
+    return {
+        os.path.relpath(os.path.join(root, name), directory): os.path.getmtime(
+            os.path.join(root, name)
+        )
+        for root, _, names in os.walk(directory)
+        for name in names
+    }
 
 
 def _paths(tree):
@@ -155,6 +177,10 @@ def test_config_errors_name_the_problem(tmp_path):
     config.init.checkpoint = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="No exported params"):
         runner.load_backbone(config)
+    # Evaluating a workdir that does not exist names it and creates nothing.
+    with pytest.raises(FileNotFoundError, match="No checkpoints: the directory .*nowhere"):
+        runner.evaluate(config, workdir=str(tmp_path / "nowhere"))
+    assert not (tmp_path / "nowhere").exists()
     config.method = "lorra"
     with pytest.raises(ValueError, match="'lorra' is not one of"):
         methods.build(config, models.build("nafnet-tiny"), image_shape=(1, 8, 8, 3))
