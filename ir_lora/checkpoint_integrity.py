@@ -108,40 +108,62 @@ def _listed(items: list[str]) -> str:
     return shown + (f", and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
 
 
-def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], str]:
-    return tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", "?"))
+def _subtrees(paths: list[str]) -> str:
+    """`paths` listed, or, when there are many, grouped into their few shallowest subtrees
+    (`"opt_state/0/... (101 arrays)"`), so that a whole optimizer state reads as one entry."""
+    if len(paths) <= _MAX_LISTED:
+        return ", ".join(paths)
+    chosen = None
+    for depth in range(1, max(p.count("/") for p in paths) + 2):
+        groups: dict[str, int] = {}
+        for path in paths:
+            head = "/".join(path.split("/")[:depth])
+            groups[head] = groups.get(head, 0) + 1
+        if len(groups) > _MAX_LISTED:
+            break
+        chosen = groups
+    if chosen is None:
+        return _listed(paths)
+    return ", ".join(
+        f"{head}/... ({count} arrays)" if count > 1 else head for head, count in chosen.items()
+    )
 
 
-def state_mismatch(stored: Any, expected: Any) -> str | None:
-    """How the on-disk tree metadata `stored` differs from the `expected` state, or None.
+def array_specs(tree: Any) -> dict[str, dict[str, Any]]:
+    """`{path: {"dtype": "float32", "shape": [...]}}` of every array leaf (arrays, shape-dtype
+    structs or orbax's on-disk `ArrayMetadata`): what a checkpoint records of its state."""
+    return {
+        path: {"dtype": str(getattr(leaf, "dtype", "?")), "shape": list(getattr(leaf, "shape", ()))}
+        for path, leaf in flat_paths(tree).items()
+    }
+
+
+def state_mismatch(stored: dict[str, dict[str, Any]], expected: Any) -> str | None:
+    """How the recorded `array_specs` of a checkpoint differ from the `expected` state, or None.
 
     Args:
-      stored: the state item's tree metadata (`StandardCheckpointHandler().metadata(dir)`).
+      stored: `array_specs` of the checkpoint's state (recorded at save time, or read from the
+        on-disk tree metadata of older checkpoints).
       expected: the state the current config builds (arrays or `jax.ShapeDtypeStruct`s).
 
     Returns:
       A message naming the paths only one side has and the shapes/dtypes that differ.
     """
-    stored_flat, expected_flat = flat_paths(stored), flat_paths(expected)
+    expected = array_specs(expected)
     lines = []
-    only_stored = sorted(set(stored_flat) - set(expected_flat))
-    only_expected = sorted(set(expected_flat) - set(stored_flat))
+    only_stored = sorted(set(stored) - set(expected))
+    only_expected = sorted(set(expected) - set(stored))
     if only_stored:
-        lines.append(
-            f"in the checkpoint, not in the state the config builds: {_listed(only_stored)}"
-        )
+        lines.append(f"in the checkpoint only: {_subtrees(only_stored)}")
     if only_expected:
-        lines.append(
-            f"in the state the config builds, not in the checkpoint: {_listed(only_expected)}"
-        )
-    changed = []
-    for path in sorted(set(stored_flat) & set(expected_flat)):
-        (s_shape, s_dtype), (e_shape, e_dtype) = map(
-            _shape_dtype, (stored_flat[path], expected_flat[path])
-        )
-        if (s_shape, s_dtype) != (e_shape, e_dtype):
-            changed.append(f"{path} is {s_dtype}{list(s_shape)} in the checkpoint, "
-                           f"{e_dtype}{list(e_shape)} now")  # fmt: skip
+        lines.append(f"in the state the config builds only: {_subtrees(only_expected)}")
+    changed = [
+        f"{path} is {stored[path]['dtype']}{stored[path]['shape']} in the checkpoint, "
+        f"{expected[path]['dtype']}{expected[path]['shape']} now"
+        # Parameters before their optimizer moments, which repeat the same shapes.
+        for path in sorted(set(stored) & set(expected), key=lambda p: (p.startswith("opt_"), p))
+        if stored[path] != expected[path]
+    ]
     if changed:
         lines.append(f"shapes or dtypes differ: {_listed(changed)}")
     return "; ".join(lines) or None

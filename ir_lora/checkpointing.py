@@ -197,6 +197,7 @@ def save(
         "backbone": backbone,
         "references": dict(references or {}),
         "extra": json.loads(json.dumps(extra_metadata or {})),
+        "arrays": integrity.array_specs(state),
         "checksums": {
             "algorithm": integrity.ALGORITHM,
             "state": checksums,
@@ -244,22 +245,25 @@ def _read_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 def _check_structure(manager, step: int, abstract_state: Any, metadata: dict, config) -> None:
     """Raises `CheckpointMismatchError` if the on-disk state tree does not fit `abstract_state`."""
     directory = manager.directory / str(step) / "state"
-    try:
-        stored = manager.item_metadata(step)["state"]
-        if stored is None:
-            raise FileNotFoundError(f"{directory} holds no tree metadata")
-    except Exception as error:  # noqa: BLE001 - unreadable tree metadata means "unreadable".
-        raise _Corrupt(
-            f"its tree metadata cannot be read ({type(error).__name__}: {error})"
-        ) from error
+    stored = metadata.get("arrays")
+    if stored is None:  # Older checkpoints: orbax's tree metadata (opens every array).
+        try:
+            tree = manager.item_metadata(step)["state"]
+            if tree is None:
+                raise FileNotFoundError(f"{directory} holds no tree metadata")
+        except Exception as error:  # noqa: BLE001 - unreadable tree metadata means "unreadable".
+            raise _Corrupt(
+                f"its tree metadata cannot be read ({type(error).__name__}: {error})"
+            ) from error
+        stored = integrity.array_specs(tree)
     difference = integrity.state_mismatch(stored, abstract_state)
     if difference is not None:
         recorded = (metadata.get("extra") or {}).get("config")
         hint = integrity.describe_config_differences(recorded, config)
         raise CheckpointMismatchError(
             f"Checkpoint step {step} in {manager.directory} does not fit the state this config "
-            f"builds: {difference}. {hint + ' ' if hint else ''}Nothing on disk was changed: "
-            "resume with the config the checkpoint recorded "
+            f"builds. {hint + ' ' if hint else ''}The state differs: {difference}. Nothing on "
+            "disk was changed: resume with the config the checkpoint recorded "
             f"({directory.parent / 'metadata'}, key extra.config), or use another workdir."
         )
 
