@@ -5,11 +5,11 @@ Two kinds of failure must never be confused (`ir_lora.checkpointing.restore` act
 * **Corruption**: the bytes on disk are not the bytes that were written. `tree_checksums` records
   the SHA-256 of every array of the state when a checkpoint is written, `json_checksum` that of
   the JSON items (iterator position, metadata); a restored value that hashes differently is
-  corrupt, whatever the storage layer said (orbax's zarr chunks carry no checksum of their own:
-  only the OCDBT index is CRC-checked, so flipped bytes in a data file decode silently).
+  corrupt, whatever the storage layer said (orbax's default format, zarr v2 chunks in an OCDBT
+  database, checks no checksum of the array data: flipped bytes in a raw chunk decode silently).
 * **Mismatch**: the checkpoint is intact but is not what the current config builds (another
-  optimizer, another LoRA rank). `state_mismatch` compares the on-disk tree metadata (paths,
-  shapes, dtypes) with the state the config builds, without reading any array, and
+  optimizer, another LoRA rank). `state_mismatch` compares the paths, shapes and dtypes the
+  checkpoint recorded (`array_specs`) with the state the config builds, reading no array, and
   `config_differences` names the config keys that differ from the config the checkpoint
   recorded. A mismatch is the user's to fix: it is an error, and nothing on disk is touched.
 """
@@ -46,16 +46,19 @@ def host_value(leaf: Any) -> np.ndarray:
     if isinstance(leaf, jax.Array):
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
+        if leaf.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
         if not leaf.is_fully_addressable:
             return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     return np.asarray(leaf)
 
 
 def array_checksum(value: Any) -> str:
-    """SHA-256 of an array's dtype, shape and C-order bytes (hex)."""
-    array = np.ascontiguousarray(host_value(value))
-    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}\0".encode())
-    digest.update(memoryview(array).cast("B"))
+    """SHA-256 of an array's dtype name, shape and C-order bytes (hex)."""
+    array = host_value(value)
+    digest = hashlib.sha256(f"{array.dtype}{array.shape}\0".encode())
+    # As bytes without a copy (bfloat16 has no buffer-protocol format of its own).
+    digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     return digest.hexdigest()
 
 
