@@ -25,9 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-# Recorded in each checkpoint next to the checksums, so that a later change of the scheme is
-# recognised rather than reported as corruption.
-ALGORITHM = "sha256-of-dtype-shape-and-c-order-bytes"
+# Recorded in each checkpoint next to the checksums: checksums of another scheme (a later version)
+# are not compared, rather than taken for corruption. Change it with `array_checksum`.
+ALGORITHM = "sha256(dtype name, shape, C-order bytes)"
 # Mismatch messages list at most this many paths or config keys (then "and N more").
 _MAX_LISTED = 12
 

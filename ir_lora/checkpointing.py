@@ -6,7 +6,9 @@ Each step directory `<workdir>/checkpoints/<step>/` holds three orbax items:
   data_iter the data iterator's `get_state()` as JSON (grain dict or bytes), so input resumes
             exactly where it stopped
   metadata  JSON: {"step", "backbone": {"path", "sha256"} | None,
-            "references": {name: {"path", "sha256"}}, "extra": {...}}
+            "references": {name: {"path", "sha256"}}, "extra": {...} (the trainer's config),
+            "arrays": {path: {"dtype", "shape"}}, "checksums": {"algorithm",
+            "state": {path: sha256}, "data_iter": sha256}, "metadata_sha256"}
 
 A fine-tuning checkpoint therefore holds only trainable parameters (adapters) plus a reference to
 the frozen backbone, and to any other frozen input the method reads (`references`, e.g. LoRA-IR's
@@ -284,15 +286,14 @@ def _read_verified(manager, step: int, abstract_state: Any, metadata: dict) -> t
         if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error):
             raise  # The machine, not the checkpoint.
         raise _Corrupt(f"it cannot be read ({type(error).__name__}: {error})") from error
-    checksums = metadata.get("checksums")
-    if not checksums:
+    checksums = metadata.get("checksums") or {}
+    if checksums.get("algorithm") != integrity.ALGORITHM:
+        # Older steps record none; another version's scheme cannot be compared with ours.
         logging.warning(
-            "Checkpoint step %d in %s records no checksums (written by an older ir_lora): its "
-            "content is not verified.", step, manager.directory
+            "Checkpoint step %d in %s records no checksums this version can verify (%r): its "
+            "content is not verified.", step, manager.directory, checksums.get("algorithm")
         )  # fmt: skip
         return state, record
-    if checksums.get("algorithm") != integrity.ALGORITHM:
-        raise _Corrupt(f"it records checksums of an unknown kind {checksums.get('algorithm')!r}")
     differing = integrity.checksum_differences(checksums["state"], integrity.tree_checksums(state))
     if differing:
         raise _Corrupt(
@@ -310,7 +311,8 @@ def _set_iterator_state(manager, step: int, data_iterator, record, metadata, con
         data_iterator.set_state(_decode_iterator_state(record))
     except Exception as error:  # noqa: BLE001 - the record is intact: the pipeline differs.
         where = manager.directory / str(step) / "data_iter"
-        verified = "matches its checksum" if metadata.get("checksums") else "is not checksummed"
+        checked = (metadata.get("checksums") or {}).get("algorithm") == integrity.ALGORITHM
+        verified = "matches its checksum" if checked else "is not checksummed"
         recorded = (metadata.get("extra") or {}).get("config")
         hint = integrity.describe_config_differences(recorded, config)
         raise CheckpointMismatchError(

@@ -433,6 +433,18 @@ def test_checkpoints_without_checksums_still_restore(tmp_path):
     _assert_trees_equal(restored, state)
     assert metadata["step"] == 3 and iterator.position == 3
 
+    # Checksums of a scheme this version does not know (a later one) are not taken for
+    # corruption either: the step restores, unverified.
+    checkpointing.save(manager, state, step=5)
+    manager.wait_until_finished()
+    path = tmp_path / "5" / "metadata" / "metadata"
+    _edit_json(path, lambda m: checkpointing.integrity.seal(
+        {**m, "checksums": {**m["checksums"], "algorithm": "blake3(v9)"}}))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored, metadata = checkpointing.restore(manager, state)
+    assert metadata["step"] == 5
+
 
 def test_checksums_cover_every_dtype_and_match_a_plain_sha256(tmp_path):
     rng = np.random.default_rng(0)
