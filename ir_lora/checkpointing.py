@@ -392,6 +392,13 @@ def restore(
         if data_iterator is not None:
             _set_iterator_state(manager, candidate, data_iterator, record, metadata, config)
         logging.info("Restored checkpoint step %d from %s", candidate, manager.directory)
+        recorded = (metadata.get("extra") or {}).get("config")
+        differences = integrity.config_differences(recorded, config)
+        if differences:  # the state fits, so these are the user's choice: said, not refused
+            logging.warning(
+                "Checkpoint step %d was written with another config; continuing with this one "
+                "(%s).", candidate, "; ".join(differences)
+            )  # fmt: skip
         return state, metadata
     if candidates:
         warnings.warn(

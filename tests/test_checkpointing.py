@@ -322,6 +322,18 @@ def test_another_optimizer_is_an_error_that_names_the_config_key(trained_workdir
     assert _snapshot(workdir) == before
 
 
+def test_resuming_with_a_config_that_fits_says_what_differs(trained_workdir, tmp_path, caplog):
+    workdir = _copy_run(trained_workdir, tmp_path)
+    config = tiny.small_config(4)
+    config.optimizer.lr = 5e-3  # the same state tree: resumable, but worth a line in the log
+    with caplog.at_level("WARNING"):
+        state, _ = trainer.train(
+            config, workdir, method=tiny.make_method(), data_iterator=tiny.CountingIterator()
+        )
+    assert int(state.step) == 4
+    assert "optimizer.lr: 0.01 in the checkpoint, 0.005 now" in caplog.text
+
+
 def test_another_shape_is_an_error_that_names_the_arrays(trained_workdir, tmp_path):
     workdir = _copy_run(trained_workdir, tmp_path)
     before = _snapshot(workdir)
