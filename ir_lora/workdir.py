@@ -125,9 +125,20 @@ def acquire(workdir: str | os.PathLike, *, multihost: bool = True) -> None:
         return
     workdir = os.path.abspath(workdir)
     leader = not multihost or _process_index() == 0
-    holder = _acquire(workdir) if leader else None
-    if multihost and not _agree_across_processes(holder is None):
-        holder = holder or _holder(os.path.join(workdir, LOCK_FILE))
+    holder, error = None, None
+    if leader:
+        try:
+            holder = _acquire(workdir)
+        except OSError as raised:  # e.g. no permission: the other processes must not wait
+            error = raised
+    locked = holder is None and error is None
+    if multihost and not _agree_across_processes(locked):
+        if error is not None:
+            raise error
+        if holder is None:  # not process 0: it found the lock held, or failed (see its error)
+            holder = _holder(os.path.join(workdir, LOCK_FILE)) + ", as process 0 found"
+    if error is not None:
+        raise error
     if holder is not None:
         raise WorkdirLockedError(
             f"Workdir {workdir} is in use by another run ({holder}); wait for it to finish or "
