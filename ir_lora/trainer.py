@@ -144,7 +144,6 @@ def train(
     ]:
         if value < 1:
             raise ValueError(f"config.{key} must be a positive integer, got {value}")
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     mesh = mesh if mesh is not None else sharding_lib.make_mesh(config)
     if tx is None:
         tx = train_lib.make_optimizer(config.optimizer, num_train_steps=num_steps)
@@ -168,7 +167,6 @@ def train(
             frozen, msg="Frozen parameters", include_stats=stats
         )
     config_json = _config_as_json(config)
-    writer.write_hparams(config_json)
 
     backbone = checkpointing.backbone_reference(backbone_path) if backbone_path else None
     references = dict(references or {})
@@ -182,10 +180,15 @@ def train(
         data_iterator=data_iterator,
         backbone_path=backbone_path,
         reference_paths=references,
+        config=config_json,
+        quarantine=True,
     )
     if restored is not None:
         state = restored[0]
         logging.info("Resuming from step %d.", int(state.step))
+    # Created only now: a checkpoint that does not fit the config stops the run before it writes.
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer.write_hparams(config_json)
 
     objective = getattr(method, "objective", None)
     if objective is None:

@@ -1,16 +1,21 @@
-"""Checkpoint round trips, backbone hashes, corrupt-newest fallback, NaN stop, kill -9 resume."""
+"""Checkpoint round trips, backbone hashes, corrupt-newest fallback, NaN stop, kill -9 resume;
+a config that does not fit is an error that changes nothing, silent corruption is detected."""
 
 import functools
 import glob
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tiny_training as tiny
 from clu import values as clu_values
@@ -151,8 +156,14 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
     assert data_files
     for path in data_files:
         _write(path, b"\x00garbage" * 8)
-    with pytest.warns(RuntimeWarning, match="step 4 .* unreadable"):
+    # A reader (evaluation) falls back and leaves the corrupt step where it is.
+    with pytest.warns(RuntimeWarning, match="step 4 .* corrupt.*cannot be read"):
         restored, metadata = checkpointing.restore(manager, new)
+    assert metadata["step"] == 2
+    assert manager.all_steps() == [2, 4]
+    # The trainer (quarantine=True) moves it aside, kept, so that step 4 can be saved again.
+    with pytest.warns(RuntimeWarning, match="step 4 .* corrupt.*moved to .*ckpt_corrupt/4"):
+        restored, metadata = checkpointing.restore(manager, new, quarantine=True)
     assert metadata["step"] == 2
     _assert_trees_equal(restored, old)
     assert manager.all_steps() == [2]
@@ -258,3 +269,207 @@ def test_grain_iterator_resumes_where_it_stopped(tmp_path):
     resumed = iter(dataset)
     checkpointing.restore(manager, _fresh_state(), data_iterator=resumed)
     assert [next(resumed).tolist() for _ in range(2)] == expected
+
+
+def _snapshot(directory):
+    """`{relative path: sha256}` of every file under `directory` (to prove nothing changed)."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, directory)] = checkpointing.hash_path(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """A finished 4-step run of the tiny method (checkpoints at steps 2 and 4)."""
+    workdir = tmp_path_factory.mktemp("trained")
+    trainer.train(
+        tiny.small_config(4),
+        workdir,
+        method=tiny.make_method(),
+        data_iterator=tiny.CountingIterator(),
+    )
+    return workdir
+
+
+def _copy_run(trained_workdir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    return workdir
+
+
+def test_another_optimizer_is_an_error_that_names_the_config_key(trained_workdir, tmp_path):
+    workdir = _copy_run(trained_workdir, tmp_path)
+    before = _snapshot(workdir)
+    config = tiny.small_config(8)  # more steps: the run would continue if the state fitted
+    config.optimizer.grad_clip_norm = 0.0  # one optax transform less in opt_state
+    with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+        trainer.train(
+            config, workdir, method=tiny.make_method(), data_iterator=tiny.CountingIterator()
+        )
+    message = str(error.value)
+    assert "step 4" in message and "opt_state/" in message
+    assert "optimizer.grad_clip_norm: 1.0 in the checkpoint, 0.0 now" in message
+    assert "num_train_steps: 4 in the checkpoint, 8 now" in message
+    # Nothing moved, nothing overwritten, no event file or checkpoints_corrupt/ added.
+    assert _snapshot(workdir) == before
+
+
+def test_resuming_with_a_config_that_fits_says_what_differs(trained_workdir, tmp_path, caplog):
+    workdir = _copy_run(trained_workdir, tmp_path)
+    config = tiny.small_config(4)
+    config.optimizer.lr = 5e-3  # the same state tree: resumable, but worth a line in the log
+    with caplog.at_level("WARNING"):
+        state, _ = trainer.train(
+            config, workdir, method=tiny.make_method(), data_iterator=tiny.CountingIterator()
+        )
+    assert int(state.step) == 4
+    assert "optimizer.lr: 0.01 in the checkpoint, 0.005 now" in caplog.text
+
+
+def test_another_shape_is_an_error_that_names_the_arrays(trained_workdir, tmp_path):
+    workdir = _copy_run(trained_workdir, tmp_path)
+    before = _snapshot(workdir)
+    method = tiny.make_method(features=8)  # conv_out reads 8 channels instead of 4
+    manager = checkpointing.make_manager(workdir / "checkpoints", create=False)
+    state, *_ = train_lib.create_train_state(
+        init_fn=method.init_fn,
+        tx=train_lib.make_optimizer(tiny.small_config(4).optimizer, num_train_steps=4),
+        rng=0,
+        mesh=sharding_lib.make_mesh(),
+    )
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r"The config is the one the checkpoint recorded.*trainable/conv_out/kernel is "
+        r"float32\[3, 3, 4, 3\] in the checkpoint, float32\[3, 3, 8, 3\] now",
+    ):
+        checkpointing.restore(manager, state, config=tiny.small_config(4))
+    assert _snapshot(workdir) == before
+
+
+def _flip_bytes(path, count=64):
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    middle = len(data) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0xFF
+    _write(path, bytes(data))
+
+
+def test_flipped_bytes_in_a_data_file_are_detected_and_fall_back(tmp_path):
+    """Raw float32 chunks decode whatever their bytes: only the recorded SHA-256 tells."""
+    rng = np.random.default_rng(0)
+    old, new = ({"w": jax.numpy.asarray(rng.normal(size=(128, 128)), "float32")} for _ in "ab")
+    manager = checkpointing.make_manager(tmp_path / "ckpt")
+    checkpointing.save(manager, old, step=2)
+    checkpointing.save(manager, new, step=4)
+    manager.wait_until_finished()
+    data_files = glob.glob(f"{tmp_path}/ckpt/4/state/**/d/*", recursive=True)
+    _flip_bytes(max(data_files, key=os.path.getsize))
+    with pytest.warns(RuntimeWarning, match="step 4 .* corrupt: arrays differ from the "
+                      "checksums recorded when it was written: w"):  # fmt: skip
+        restored, metadata = checkpointing.restore(manager, new)
+    assert metadata["step"] == 2
+    _assert_trees_equal(restored, old)
+    with pytest.raises(ValueError, match="step 4 .* arrays differ"):
+        checkpointing.restore(manager, new, step=4)  # an explicit step does not fall back
+
+
+def _edit_json(path, edit):
+    with open(path) as f:
+        record = json.load(f)
+    with open(path, "w") as f:
+        json.dump(edit(record), f)
+
+
+def test_edited_iterator_record_or_metadata_falls_back_naming_the_file(trained_workdir, tmp_path):
+    workdir = _copy_run(trained_workdir, tmp_path)
+    manager = checkpointing.make_manager(workdir / "checkpoints")
+    record = workdir / "checkpoints" / "4" / "data_iter" / "metadata"
+    # The record loses its key: before checksums, set_state died with a bare KeyError.
+    _edit_json(record, lambda r: {**r, "value": {"pos": r["value"]["position"]}})
+    iterator = tiny.CountingIterator()
+    with pytest.warns(RuntimeWarning, match="step 4 .* iterator record in .*4/data_iter differs"):
+        restored, metadata = checkpointing.restore(manager, _fresh_state(), data_iterator=iterator)
+    assert metadata["step"] == int(restored.step) == 2 and iterator.position == 2
+
+    _edit_json(workdir / "checkpoints" / "2" / "metadata" / "metadata",
+               lambda m: {**m, "extra": {"config": {"seed": 1}}})  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="step 2 .*/2/metadata does not match its checksum"):
+        assert checkpointing.restore(manager, _fresh_state()) is None
+    # latest_metadata reads only the metadata items: step 4's is intact, step 2's is not.
+    assert checkpointing.latest_metadata(workdir / "checkpoints")["step"] == 4
+
+
+def test_intact_iterator_record_the_pipeline_rejects_is_a_mismatch(trained_workdir, tmp_path):
+    workdir = _copy_run(trained_workdir, tmp_path)
+    before = _snapshot(workdir)
+
+    class OtherPipeline(tiny.CountingIterator):
+        def set_state(self, state):
+            self.position = int(state["next_index"])  # a grain-style record, say
+
+    manager = checkpointing.make_manager(workdir / "checkpoints")
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r"rejects the position recorded in .*4/data_iter \(KeyError: 'next_index'\); "
+        "the record matches its checksum",
+    ):
+        checkpointing.restore(
+            manager, _fresh_state(), data_iterator=OtherPipeline(), config=tiny.small_config(4)
+        )
+    assert _snapshot(workdir) == before
+
+
+def test_checkpoints_without_checksums_still_restore(tmp_path):
+    """Steps written before checksums were recorded restore, unverified (with a log line)."""
+    state = _fresh_state()
+    manager = checkpointing.make_manager(tmp_path)
+    manager.save(
+        3,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_iter=ocp.args.JsonSave({"kind": "json", "value": {"position": 3}}),
+            metadata=ocp.args.JsonSave({"step": 3, "backbone": None, "references": {}}),
+        ),
+    )
+    iterator = tiny.CountingIterator()
+    restored, metadata = checkpointing.restore(manager, state, data_iterator=iterator)
+    _assert_trees_equal(restored, state)
+    assert metadata["step"] == 3 and iterator.position == 3
+
+    # Checksums of a scheme this version does not know (a later one) are not taken for
+    # corruption either: the step restores, unverified.
+    checkpointing.save(manager, state, step=5)
+    manager.wait_until_finished()
+    path = tmp_path / "5" / "metadata" / "metadata"
+    _edit_json(path, lambda m: checkpointing.integrity.seal(
+        {**m, "checksums": {**m["checksums"], "algorithm": "blake3(v9)"}}))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored, metadata = checkpointing.restore(manager, state)
+    assert metadata["step"] == 5
+
+
+def test_checksums_cover_every_dtype_and_match_a_plain_sha256(tmp_path):
+    rng = np.random.default_rng(0)
+    state = {
+        "bf16": jax.numpy.asarray(rng.normal(size=(3, 5)), "bfloat16"),
+        "f32": jax.numpy.asarray(rng.normal(size=(4,)), "float32"),
+        "i32": jax.numpy.int32(7),
+        "u32": jax.numpy.asarray([1, 2], "uint32"),
+        "flag": jax.numpy.asarray([True, False]),
+    }
+    f32 = np.asarray(state["f32"])
+    plain = hashlib.sha256(b"float32(4,)\0" + f32.tobytes()).hexdigest()
+    assert checkpointing.integrity.array_checksum(state["f32"]) == plain
+    manager = checkpointing.make_manager(tmp_path)
+    checkpointing.save(manager, state, step=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean round trip: no corruption reported
+        restored, metadata = checkpointing.restore(manager, state)
+    _assert_trees_equal(restored, state)
+    assert metadata["checksums"]["state"]["f32"] == plain
+    assert metadata["arrays"]["bf16"] == {"dtype": "bfloat16", "shape": [3, 5]}

@@ -41,8 +41,8 @@ class TinyNet(nn.Module):
         return x + conv(x.shape[-1], "conv_out")(h)
 
 
-def make_method(*, frozen_names=("conv_in",), degrade=False) -> train_lib.Method:
-    model = TinyNet()
+def make_method(*, frozen_names=("conv_in",), degrade=False, features=4) -> train_lib.Method:
+    model = TinyNet(features=features)
 
     def init_fn(rng):
         params = model.init(rng, jnp.zeros((1, SIZE, SIZE, 3)))["params"]

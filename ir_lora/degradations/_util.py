@@ -6,6 +6,7 @@ parameter may be a Python number, a scalar array or one value per image.
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +32,23 @@ def per_image(fn=None, *, keyed: bool = True):
     """
     if fn is None:
         return functools.partial(per_image, keyed=keyed)
+    positional = "key, image" if keyed else "image"
+    keywords = [
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    usage = f"{fn.__name__}({', '.join([positional, *(f'{k}=...' for k in keywords)])})"
 
     @functools.wraps(fn)
     def wrapped(*args, **params):
+        if len(args) != (2 if keyed else 1):
+            # Without this, a parameter passed by position fails deep inside as "too many values
+            # to unpack".
+            raise TypeError(
+                f"{fn.__name__} takes ({positional}) by position and its parameters by keyword: "
+                f"{usage}; got {len(args)} positional argument(s)"
+            )
         if keyed:
             key, image = args
         else:

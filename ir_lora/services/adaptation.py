@@ -154,6 +154,10 @@ def restore_trained(
     Returns `(variables, adaptation, step)`; `inference` turns them into a restore function and
     its params (adapters merged where the method allows).
     """
+    # First: a missing workdir is an error that names it, before anything is built or written.
+    manager = checkpointing.make_manager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), create=False
+    )
     config = with_recorded_references(config, workdir)
     model = build_model(config)
     adaptation = build_adaptation(config, model)
@@ -166,9 +170,8 @@ def restore_trained(
         mesh=sharding_lib.make_mesh(config),
         init_args=init_args,
     )
-    manager = checkpointing.make_manager(os.path.join(os.path.abspath(workdir), "checkpoints"))
     restored = checkpointing.restore(
-        manager, state, backbone_path=backbone_path, reference_paths=references
+        manager, state, backbone_path=backbone_path, reference_paths=references, config=config
     )
     if restored is None:
         raise FileNotFoundError(f"No readable checkpoint in {workdir}/checkpoints")

@@ -21,7 +21,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from ir_lora import evaluator
+from ir_lora import evaluator, preflight
+from ir_lora import workdir as workdir_lib
 from ir_lora.methods.colora import stages as colora_stages
 from ir_lora.methods.lora_ir import allinone, router_stage
 from ir_lora.methods.uir_lora import stage as uir_lora_stage
@@ -72,13 +73,22 @@ def get(config) -> Stage:
 
 
 def train(config, workdir: str) -> Any:
-    """Runs `config.stage` in `workdir` (resuming what it finds there)."""
-    return get(config).train(config, workdir)
+    """Runs `config.stage` in `workdir` (resuming what it finds there).
+
+    Before anything is written the config is checked (`preflight.check_run`), then the workdir
+    is locked for the run (`workdir.lock`): a second run on it fails at once naming the holder.
+    """
+    stage = get(config)
+    preflight.check_run(config)
+    with workdir_lib.lock(workdir):
+        return stage.train(config, workdir)
 
 
 def evaluate(config, *, workdir=None, checkpoint=None, datasets=None, out_dir=None) -> str:
     """Re-scores a finished run of `config.stage`; returns the text `eval.py` prints."""
     stage = get(config)
+    if workdir:
+        preflight.require_workdir(workdir)  # a typo must not create a folder
     if stage.evaluate is None:
         raise ValueError(
             f"stage {config.stage!r} has nothing to evaluate; evaluable stages: "

@@ -91,7 +91,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shapes = models.param_shapes(config.model.variant, **dict(config.model.get("overrides", {})))
     report = adaptation.report(shapes)
     logging.info("Parameters (%s, method=%s):\n%s", config.model.variant, config.method, report)
-    _write_text(os.path.join(workdir, "parameters.md"), report.to_markdown() + "\n")
 
     data_iterator = services.train_iterator(config, workdir)
     # The fixed image-summary crops are the first batch; rewinding keeps the training
@@ -109,6 +108,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         references=references,
         eval_fn=sample_images_fn(adaptation, samples, seed=config.seed),
     )
+    # Written after training: a rerun whose config does not fit the checkpoints stops before.
+    _write_text(os.path.join(workdir, "parameters.md"), report.to_markdown() + "\n")
     variables = jax.device_get(partition.combine(state.trainable, frozen))
     restore_fn, params = services.inference(adaptation, model, variables)
     export = None

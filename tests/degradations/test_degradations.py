@@ -218,3 +218,13 @@ def test_bad_input_raises():
         D.jpeg(jnp.zeros((8, 8, 1)), quality=50)
     with pytest.raises(ValueError, match="shape"):
         D.gaussian_blur(jax.random.key(0), jnp.zeros((8, 8)), sigma_x=1.0)
+
+
+def test_parameters_by_position_are_refused_naming_the_keywords():
+    image = jnp.zeros((8, 8, 3))
+    with pytest.raises(TypeError, match=r"jpeg\(image, quality=\.\.\.\); got 2 positional"):
+        D.jpeg(image, 50)
+    with pytest.raises(TypeError, match=r"gaussian_noise\(key, image, sigma=\.\.\., kind=\.\.\.\)"):
+        D.gaussian_noise(jax.random.key(0), image, 0.1)
+    with pytest.raises(TypeError, match=r"takes \(key, image\) by position"):
+        D.gaussian_noise(image, sigma=0.1)  # the key forgotten

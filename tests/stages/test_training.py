@@ -107,6 +107,18 @@ def test_lora_finetune_saves_only_adapters_and_evaluates(pretrained, folders, tm
     assert n_trainable == report.trainable
     assert all("lora" in k or "kernel" not in k for k in _paths(trainable))
 
+    # Another LoRA rank is an error that names the arrays and the config key, and moves nothing:
+    # the right config still evaluates the checkpoint afterwards.
+    before = _files(workdir)
+    wrong = config.copy_and_resolve_references()
+    wrong.lora.rank = 8
+    with pytest.raises(
+        checkpointing.CheckpointMismatchError,
+        match=r"lora\.rank: 4 in the checkpoint, 8 now.*lora_a is float32\[.*\] in the checkpoint",
+    ):
+        training.evaluate(wrong, workdir=str(workdir), out_dir=str(tmp_path / "wrong"))
+    assert _files(workdir) == before and not (tmp_path / "wrong").exists()
+
     # eval.py's path restores the same model the run evaluated at its end.
     again = training.evaluate(config, workdir=str(workdir), out_dir=str(tmp_path / "again"))
     printed = registry.evaluate(config, workdir=str(workdir), out_dir=str(tmp_path / "printed"))
@@ -114,6 +126,16 @@ def test_lora_finetune_saves_only_adapters_and_evaluates(pretrained, folders, tm
     trained = out["eval"]["datasets"]["val"]["mean"]
     np.testing.assert_allclose(again["datasets"]["val"]["mean"]["psnr"], trained["psnr"], rtol=1e-6)
     assert (workdir / "eval" / "results.md").exists()
+
+
+def _files(directory):
+    return {
+        os.path.relpath(os.path.join(root, name), directory): os.path.getmtime(
+            os.path.join(root, name)
+        )
+        for root, _, names in os.walk(directory)
+        for name in names
+    }
 
 
 def _paths(tree):
@@ -153,6 +175,10 @@ def test_config_errors_name_the_problem(tmp_path):
     config.init.checkpoint = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="No exported params"):
         services.load_backbone(config)
+    # Evaluating a workdir that does not exist names it and creates nothing.
+    with pytest.raises(FileNotFoundError, match="No checkpoints: the directory .*nowhere"):
+        training.evaluate(config, workdir=str(tmp_path / "nowhere"))
+    assert not (tmp_path / "nowhere").exists()
     config.method = "lorra"
     with pytest.raises(ValueError, match="'lorra' is not one of"):
         methods.build(config, models.build("nafnet-tiny"), image_shape=(1, 8, 8, 3))
@@ -185,11 +211,14 @@ def test_stages_dispatch_through_the_stage_registry(monkeypatch, tmp_path):
     config.unlock()
     config.stage = "composed"
     assert registry.train(config, str(tmp_path)) == {"eval": "trained"}
-    assert registry.evaluate(config, workdir="w", datasets=["val"], out_dir="o") == "score 1.0"
-    assert calls == [("train", "composed", str(tmp_path)), ("eval", "w", None, ["val"], "o")]
+    run = str(tmp_path)
+    assert registry.evaluate(config, workdir=run, datasets=["val"], out_dir="o") == "score 1.0"
+    assert calls == [("train", "composed", run), ("eval", run, None, ["val"], "o")]
     config.stage = "untested"
     with pytest.raises(ValueError, match="'untested' has nothing to evaluate"):
-        registry.evaluate(config, workdir="w")
+        registry.evaluate(config, workdir=run)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        registry.evaluate(config, workdir=str(tmp_path / "typo"))
 
 
 def test_pretraining_asks_the_method_registry(monkeypatch, tmp_path):
