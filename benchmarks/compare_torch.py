@@ -1,23 +1,35 @@
-"""NAFNet in JAX (ir_lora) versus PyTorch eager on the same CPU, timed interleaved in one run.
+"""ir_lora (JAX) against the official PyTorch code on the same CPU, timed interleaved in one run.
 
-    python -m benchmarks.compare_torch                        # nafnet-sidd-w32, batch 4 of 128x128
-    python -m benchmarks.compare_torch --batch 2 --size 64 --steps 5 --override \
-        '{"middle_blk_num": 1, "enc_blk_nums": [1, 1, 1, 1], "dec_blk_nums": [1, 1, 1, 1]}'
+    python -m benchmarks.compare_torch --model nafnet-sidd-w32               # batch 4 of 128x128
+    python -m benchmarks.compare_torch --model restormer --batch 1
+    python -m benchmarks.compare_torch --model nafnet-sidd-w32 --size 256 --json out.json
 
-PyTorch is an optional benchmark dependency. Its NAFNet is the official definition transcribed in
-`tests/torch_reference.py`, loaded with the same weights (`models.to_torch`); its LoRA wraps the
-same convolutions (rank `--rank` on every dense conv, depthwise frozen) in the unmerged form
-(`Cin -> r` conv with A, then a 1x1 `r -> Cout` with B). Rows: full fine-tuning step; LoRA step
-with the factors, biases, norms and beta/gamma trained (`lora`, `partition.lora_rules()`) and
-with the factors only (`lora_factors`); forward. Steps are AdamW on the PSNR loss. Each round
-times one JAX call then one PyTorch call, so load changes on a shared machine hit both; the ratio
-is JAX median / PyTorch median (below 1: JAX is faster). Outputs of the two forwards are compared
-first, so the timed programs are known to compute the same thing.
+The PyTorch models are the official definitions (`tests/torch_reference.py`: NAFNet with its
+custom-autograd `LayerNorm2d`, Restormer with its einops rearranges as einops runs them) holding
+the same random weights as the flax model. Rows:
+
+* `full`: every parameter trains.
+* `lora`: rank `--rank` on every dense conv (depthwise frozen), with the biases, norms, residual
+  scales and temperatures (`partition.lora_rules()`); PyTorch in two forms, peft's LoRA `Conv2d`
+  and loralib's merged kernel (`benchmarks/torch_lora.py`).
+* `lora_all`: the README's API-tour config, rank `--rank` on every conv, depthwise included
+  (`((r"(.*/)?norm[^/]*", 0), (".*", r))`); PyTorch in the merged form only, since peft cannot adapt
+  depthwise convs.
+* `lora_factors`: as `lora`, the factors alone trained (not a default row).
+* `forward`: inference.
+
+Steps are AdamW on the PSNR loss. Each round calls every JAX program once and every PyTorch
+form once per thread count (`--threads`), so load changes on a shared machine hit all; a PyTorch
+form's time is its best thread count, and each ratio is JAX against the fastest PyTorch form.
+Forward outputs of every pair are compared first, so the timed programs compute the same thing.
+`--json` writes everything the table shows plus the machine, load and versions.
 """
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -27,68 +39,50 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks import common
-from ir_lora.models import VARIANTS, to_torch, torch_io
-from ir_lora.peft import lora
-from tests import torch_reference
+from benchmarks import common, torch_lora
+from ir_lora.models import build, layers
+from ir_lora.peft import intercept, lora
+
+ROWS = ("full", "lora", "lora_all", "lora_factors", "forward")
+DEFAULT_ROWS = ("full", "lora", "lora_all", "forward")
+API_TOUR_TARGETS = ((r"(.*/)?norm[^/]*", 0), (".*", None))  # None: --rank
+# Issue 12's targets: ("torch", x): JAX / fastest PyTorch <= x; ("full", x): JAX row / JAX full.
+TARGETS = {
+    "nafnet": {"full": ("torch", 1.0), "lora": ("torch", 0.8), "lora_all": ("torch", 0.8)},
+    "restormer": {"full": ("torch", 1.2), "lora": ("full", 0.7), "lora_all": ("full", 0.7)},
+}
 
 
-class TorchLoRAConv(torch.nn.Module):
-    """A frozen `Conv2d` plus the unmerged branch `up(down(x))` (loralib ConvLoRA, alpha = r)."""
-
-    def __init__(self, base: torch.nn.Conv2d, down: np.ndarray, up: np.ndarray):
-        super().__init__()
-        rank = down.shape[-1]
-        kh, kw = base.kernel_size
-        self.base = base
-        self.down = torch.nn.Conv2d(
-            base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False
+def jax_setup(args, row, sample):
+    """The `common.Setup` of `row` (random weights of seed 0, identical for every row)."""
+    if row in ("full", "forward"):
+        return common.make_setup(args.model, "full", sample)
+    if row in ("lora", "lora_factors"):
+        return common.make_setup(
+            args.model, "lora", sample, rank=args.rank, bias_norm=row == "lora"
         )
-        self.up = torch.nn.Conv2d(rank, base.out_channels, 1, bias=False)
-        with torch.no_grad():
-            hwio = down.reshape(kh, kw, base.in_channels, rank)
-            self.down.weight.copy_(
-                torch.from_numpy(np.ascontiguousarray(hwio.transpose(3, 2, 0, 1)))
-            )
-            self.up.weight.copy_(torch.from_numpy(np.ascontiguousarray(up.T[:, :, None, None])))
-
-    def forward(self, x):
-        return self.base(x) + self.up(self.down(x))
+    model = build(args.model)
+    params = common.random_params(intercept.eval_shape_init(model, sample)["params"], 0)
+    targets = tuple((p, args.rank if r is None else r) for p, r in API_TOUR_TARGETS)
+    config = lora.LoraConfig(targets=targets)
+    method, size = common._lora_method(model, params, sample, config, jax.random.key(0), True)
+    return common.Setup("lora_all", model, params, method, config, size)
 
 
-def torch_nafnet(variant, overrides, params, factors=None, bias_norm=True):
-    """The PyTorch NAFNet with `params` and, given flax LoRA `factors`, LoRA-wrapped convs.
+def torch_forms(row):
+    """The PyTorch programs timed against `row`'s JAX step."""
+    if row in ("lora", "lora_factors"):
+        return torch_lora.FORMS
+    return ("merged",) if row == "lora_all" else ("official",)
 
-    With LoRA, the factors train, and with `bias_norm` the biases, norms and beta/gamma too.
-    """
-    kwargs = {**VARIANTS[variant], **overrides}
-    net = torch_reference.NAFNet(**kwargs)
-    state = to_torch(variant, params, **overrides)
-    net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
-    if factors is None:
+
+def torch_net(args, setup, row, form):
+    net = torch_lora.official_net(args.model, setup.params)
+    if form == "official":
         return net
-    for p in net.parameters():
-        p.requires_grad_(False)
-    for path, layer in lora.ranks(factors).items():
-        del layer
-        names = path.split("/")
-        key = torch_io.torch_key((*names, "kernel"), torch_io.NAFNET_KEY_RULES)
-        parent_name, _, child = key.removesuffix(".weight").rpartition(".")
-        parent = net.get_submodule(parent_name) if parent_name else net
-        node = factors
-        for n in names:
-            node = node[n]
-        wrapped = TorchLoRAConv(
-            getattr(parent, child), np.asarray(node[lora.DOWN]), np.asarray(node[lora.UP])
-        )
-        setattr(parent, child, wrapped)
-    # What `partition.lora_rules(tune_bias_norm=bias_norm)` trains.
-    for name, p in net.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        in_norm = ".norm" in f".{name}"
-        lora_factor = name.endswith((".down.weight", ".up.weight"))
-        bias_or_norm = leaf in ("bias", "beta", "gamma") or in_norm
-        p.requires_grad_(lora_factor or (bias_norm and bias_or_norm))
+    trainable, _ = setup.method.init_fn(None)
+    torch_lora.set_trainable(net, args.model, trainable.get("params"))
+    torch_lora.attach(net, args.model, trainable["lora"], form)
     return net
 
 
@@ -97,11 +91,11 @@ def torch_psnr_loss(pred, target):
     return (10.0 / np.log(10.0)) * torch.mean(torch.log(per_image + 1e-8))
 
 
-def torch_step_fn(net):
+def torch_step_fn(net, lq, gt):
     trainable = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable, lr=common.OPTIMIZER["lr"], weight_decay=0.0)
 
-    def step(lq, gt):
+    def step():
         opt.zero_grad(set_to_none=True)
         loss = torch_psnr_loss(net(lq), gt)
         loss.backward()
@@ -111,60 +105,36 @@ def torch_step_fn(net):
     return step, sum(p.numel() for p in trainable)
 
 
-def _time(fn):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-
-def interleaved(fns, *, steps, warmup=2):
-    """`{name: median seconds}`; each round calls every `(name, fn, threads)` once, in order.
-
-    `threads` is the PyTorch thread count set before the call (None for JAX).
-    """
-    times = {name: [] for name, _, _ in fns}
-    for i in range(warmup + steps):
-        for name, fn, threads in fns:
-            if threads is not None:
-                torch.set_num_threads(threads)
-            seconds = _time(fn)
-            if i >= warmup:
-                times[name].append(seconds)
-        print(f"round {i + 1}/{warmup + steps} done", file=sys.stderr, flush=True)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def build_row(row, args, overrides, batch):
-    """`(jax_fn, torch_fn, info)` of one row, after checking both forwards agree."""
-    method = {"forward": "full", "lora_factors": "lora"}.get(row, row)
-    bias_norm = row != "lora_factors"
+def build_row(args, row, batch):
+    """`(jax_fn, {form: torch_fn}, info)`, after checking every pair's forward outputs agree."""
     sample = jax.ShapeDtypeStruct(batch["lq"].shape, jnp.float32)
-    setup = common.make_setup(
-        args.variant, method, sample, rank=args.rank, overrides=overrides, bias_norm=bias_norm
-    )
-    factors = setup.method.init_fn(None)[0]["lora"] if method == "lora" else None
-    net = torch_nafnet(args.variant, overrides, setup.params, factors, bias_norm)
-    lq_t = torch.from_numpy(np.asarray(batch["lq"]).transpose(0, 3, 1, 2).copy())
-    gt_t = torch.from_numpy(np.asarray(batch["gt"]).transpose(0, 3, 1, 2).copy())
-    # Same function first: the forward outputs agree (float32 accumulation-order differences).
+    setup = jax_setup(args, row, sample)
     trainable, frozen = setup.method.init_fn(None)
     out_jax = np.asarray(jax.jit(setup.method.apply_fn)(trainable, frozen, batch["lq"]))
-    with torch.no_grad():
-        out_torch = net(lq_t).numpy().transpose(0, 2, 3, 1)
-    info = {"max_abs_diff": float(np.max(np.abs(out_jax - out_torch)))}
+    lq = torch.from_numpy(np.asarray(batch["lq"]).transpose(0, 3, 1, 2).copy())
+    gt = torch.from_numpy(np.asarray(batch["gt"]).transpose(0, 3, 1, 2).copy())
+    info = {"max_abs_diff": {}, "trainable_torch": {}}
+    torch_fns = {}
+    for form in torch_forms(row):
+        net = torch_net(args, setup, row, form)
+        with torch.no_grad():
+            out_torch = net(lq).numpy().transpose(0, 2, 3, 1)
+        info["max_abs_diff"][form] = float(np.max(np.abs(out_jax - out_torch)))
+        if row == "forward":
+
+            def torch_fn(net=net):
+                with torch.no_grad():
+                    return net(lq)
+
+            info["trainable_torch"][form] = 0
+        else:
+            torch_fn, info["trainable_torch"][form] = torch_step_fn(net, lq, gt)
+        torch_fns[form] = torch_fn
     if row == "forward":
         apply = jax.jit(lambda p, x: setup.model.apply({"params": p}, x))
         compiled, info["compile_s"] = common.compile_seconds(apply, setup.params, batch["lq"])
-
-        def jax_fn():
-            return compiled(setup.params, batch["lq"])
-
-        def torch_fn():
-            with torch.no_grad():
-                return net(lq_t)
-
-        info["trainable_jax"] = info["trainable_torch"] = 0
-        return jax_fn, torch_fn, info
+        info["trainable_jax"] = 0
+        return (lambda: compiled(setup.params, batch["lq"])), torch_fns, info
     step, state, frozen = common.make_step(setup)
     compiled, info["compile_s"] = common.compile_seconds(step, state, frozen, batch)
     info["trainable_jax"] = sum(x.size for x in jax.tree.leaves(state.trainable))
@@ -174,85 +144,147 @@ def build_row(row, args, overrides, batch):
         holder["state"], metrics = compiled(holder["state"], frozen, batch)
         return metrics
 
-    torch_step, info["trainable_torch"] = torch_step_fn(net)
-    return jax_fn, lambda: torch_step(lq_t, gt_t), info
+    return jax_fn, torch_fns, info
+
+
+def interleaved(fns, *, rounds, warmup):
+    """`{name: median seconds}`; each round calls every `(name, fn, threads)` once, in order.
+
+    `threads` is the PyTorch thread count set before the call (None for JAX).
+    """
+    times = {name: [] for name, _, _ in fns}
+    for i in range(warmup + rounds):
+        for name, fn, threads in fns:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+        print(f"round {i + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _machine() -> str:
+    model = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {platform.machine()} ({model})"
+
+
+def _load() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def summarize(args, built, medians):
+    rows = {}
+    for row, (_, torch_fns, info) in built.items():
+        forms = {}
+        for form in torch_fns:
+            by_threads = {n: 1e3 * medians[row, form, n] for n in args.threads}
+            best = min(by_threads, key=by_threads.get)
+            forms[form] = {"ms": by_threads[best], "threads": best, "ms_by_threads": by_threads}
+        fastest = min(forms, key=lambda f: forms[f]["ms"])
+        jax_ms = 1e3 * medians[row, "jax"]
+        rows[row] = dict(
+            jax_ms=jax_ms,
+            torch=forms,
+            fastest_torch_form=fastest,
+            torch_ms=forms[fastest]["ms"],
+            ratio=jax_ms / forms[fastest]["ms"],
+            **info,
+        )
+    for row, r in rows.items():
+        if "full" in rows and row != "full":
+            r["jax_over_full"] = r["jax_ms"] / rows["full"]["jax_ms"]
+            r["torch_over_full"] = r["torch_ms"] / rows["full"]["torch_ms"]
+        kind, bound = TARGETS[args.model.split("-")[0]].get(row, (None, None))
+        value = {"torch": r["ratio"], "full": r.get("jax_over_full")}.get(kind)
+        if value is not None:
+            r["target"] = {"of": kind, "bound": bound, "met": value <= bound}
+    return rows
+
+
+def print_table(args, meta, rows):
+    print(
+        f"\n{args.model}, batch {args.batch} of {args.size}x{args.size}, LoRA rank {args.rank}, "
+        f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up; "
+        f"{meta['date']}, {meta['machine']}, load {meta['load_before']} -> {meta['load_after']}; "
+        f"jax {jax.__version__} (conv form {meta['conv_form']!r}), torch {torch.__version__}\n"
+    )
+    print(
+        "| row | JAX ms | PyTorch ms by form (threads) | JAX / fastest PyTorch "
+        "| JAX / JAX full | PyTorch / PyTorch full | target | compile s | max abs diff |"
+    )
+    print("|---|---:|---|---:|---:|---:|---|---:|---:|")
+    for row, r in rows.items():
+        forms = ", ".join(f"{f} {v['ms']:,.0f} ({v['threads']})" for f, v in r["torch"].items())
+        share = f"{r['jax_over_full']:.2f}" if "jax_over_full" in r else ""
+        torch_share = f"{r['torch_over_full']:.2f}" if "torch_over_full" in r else ""
+        target = ""
+        if "target" in r:
+            t = r["target"]
+            what = "vs PyTorch" if t["of"] == "torch" else "of full"
+            target = f"<= {t['bound']} {what}: {'met' if t['met'] else 'NOT met'}"
+        diff = max(r["max_abs_diff"].values())
+        print(
+            f"| {row} | {r['jax_ms']:,.0f} | {forms} | **{r['ratio']:.2f}** | {share} | "
+            f"{torch_share} | {target} | {r['compile_s']:.0f} | {diff:.1e} |"
+        )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="nafnet-sidd-w32")
-    parser.add_argument("--override", default="{}", help="JSON of NAFNet constructor fields")
+    parser.add_argument("--model", "--variant", default="nafnet-sidd-w32", dest="model")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", "--steps", type=int, default=5, dest="rounds")
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument(
         "--threads",
         type=int,
         nargs="+",
         default=[2, 1],
-        help="torch.set_num_threads values, each timed; ratios are against the fastest",
+        help="torch.set_num_threads values, each timed; a form's time is its fastest",
     )
-    parser.add_argument(
-        "--rows",
-        nargs="+",
-        default=["full", "lora", "lora_factors", "forward"],
-        help="lora: factors plus biases/norms trained; lora_factors: the factors only",
-    )
+    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    overrides = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.override).items()
-    }
-    common.check_nafnet_variant(args.variant)
+    if args.model.split("-")[0] not in TARGETS:
+        raise ValueError(f"--model {args.model!r}: compare_torch builds NAFNet and Restormer only")
     batch = common.sample_batch(args.batch, args.size)
-
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(),
+        "load_before": _load(),
+        "conv_form": layers.conv_form(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
     # All rows are built first and timed in the same rounds, so their ratios share the load.
-    built = {row: build_row(row, args, overrides, batch) for row in args.rows}
+    built = {row: build_row(args, row, batch) for row in args.rows}
     fns = []
-    for row, (jax_fn, torch_fn, _) in built.items():
+    for row, (jax_fn, torch_fns, _) in built.items():
         fns.append(((row, "jax"), jax_fn, None))
-        fns += [((row, n), torch_fn, n) for n in args.threads]
-    medians = interleaved(fns, steps=args.steps)
-    results = {}
-    for row, (_, _, info) in built.items():
-        by_threads = {n: medians[row, n] for n in args.threads}
-        best = min(by_threads.values())
-        results[row] = dict(
-            jax_ms=1e3 * medians[row, "jax"],
-            torch_ms=1e3 * best,
-            torch_ms_by_threads={n: 1e3 * t for n, t in by_threads.items()},
-            ratio=medians[row, "jax"] / best,
-            **info,
-        )
-        print(row, results[row], flush=True)
-
-    print(
-        f"\n{args.variant} {overrides or ''}, batch {args.batch} of {args.size}x{args.size}, "
-        f"median of {args.steps} interleaved rounds, torch {torch.__version__}, "
-        f"jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-        f"LoRA rank {args.rank}\n"
-    )
-    by_threads = " | ".join(f"PyTorch {n} thr. ms" for n in args.threads)
-    print(
-        f"| row | JAX ms | {by_threads} | ratio JAX/fastest PyTorch | JAX compile s "
-        "| max abs diff of outputs |"
-    )
-    print("|---|---:|" + "---:|" * len(args.threads) + "---:|---:|---:|")
-    for row, r in results.items():
-        torch_ms = " | ".join(f"{r['torch_ms_by_threads'][n]:,.0f}" for n in args.threads)
-        print(
-            f"| {row} | {r['jax_ms']:,.0f} | {torch_ms} | {r['ratio']:.2f} | "
-            f"{r['compile_s']:.1f} | {r['max_abs_diff']:.1e} |"
-        )
-    for row in ("lora", "lora_factors"):
-        if "full" in results and row in results:
-            jax_share = results[row]["jax_ms"] / results["full"]["jax_ms"]
-            torch_share = results[row]["torch_ms"] / results["full"]["torch_ms"]
-            print(f"{row} step / full step: JAX {jax_share:.2f}, PyTorch {torch_share:.2f}")
+        for form, fn in torch_fns.items():
+            fns += [((row, form, n), fn, n) for n in args.threads]
+    medians = interleaved(fns, rounds=args.rounds, warmup=args.warmup)
+    meta["load_after"] = _load()
+    rows = summarize(args, built, medians)
+    print_table(args, meta, rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"meta": meta, "args": vars(args), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

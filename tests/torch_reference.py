@@ -1,15 +1,45 @@
-"""The official PyTorch NAFNet and Restormer, transcribed for the equivalence tests.
+"""The official PyTorch NAFNet and Restormer, for the equivalence tests and the speed baselines.
 
-From megvii-research/NAFNet `basicsr/models/archs/NAFNet_arch.py` (+ `LayerNorm2d` of
-`arch_util.py`) and swz30/Restormer `basicsr/models/archs/restormer_arch.py`. Changes: einops
-`rearrange` written as reshapes, the custom-autograd LayerNorm2d as its forward formula, dropout
-and the dual-pixel branch dropped (unused by the released models). Import only after
-`pytest.importorskip("torch")`.
+Written from megvii-research/NAFNet `basicsr/models/archs/NAFNet_arch.py` (+ `LayerNorm2d` and its
+`LayerNormFunction` of `arch_util.py`) and swz30/Restormer `basicsr/models/archs/restormer_arch.py`,
+with the same tensor operations in the same order, so that `benchmarks/compare_torch.py` times what
+users of the official code run: `LayerNorm2d` is the custom `torch.autograd.Function` with its
+closed-form backward, and Restormer's einops `rearrange`s are the permutes and reshapes einops
+issues for those patterns (einops itself is not a dependency; `tests/test_torch_baselines.py`
+checks values and strides against it where it is installed). Dropped: dropout and the dual-pixel
+branch (unused by the released models). Import only after `pytest.importorskip("torch")`.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """NAFNet's per-pixel channel LayerNorm with the official closed-form backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        ctx.eps = eps
+        _, c, _, _ = x.size()
+        mu = x.mean(1, keepdim=True)
+        var = (x - mu).pow(2).mean(1, keepdim=True)
+        y = (x - mu) / (var + eps).sqrt()
+        ctx.save_for_backward(y, var, weight)
+        return weight.view(1, c, 1, 1) * y + bias.view(1, c, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        eps = ctx.eps
+        _, c, _, _ = grad_output.size()
+        y, var, weight = ctx.saved_tensors
+        g = grad_output * weight.view(1, c, 1, 1)
+        mean_g = g.mean(dim=1, keepdim=True)
+        mean_gy = (g * y).mean(dim=1, keepdim=True)
+        gx = 1.0 / torch.sqrt(var + eps) * (g - y * mean_gy - mean_g)
+        grad_weight = (grad_output * y).sum(dim=3).sum(dim=2).sum(dim=0)
+        grad_bias = grad_output.sum(dim=3).sum(dim=2).sum(dim=0)
+        return gx, grad_weight, grad_bias, None
 
 
 class LayerNorm2d(nn.Module):
@@ -20,10 +50,7 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        mu = x.mean(1, keepdim=True)
-        var = (x - mu).pow(2).mean(1, keepdim=True)
-        y = (x - mu) / (var + self.eps).sqrt()
-        return self.weight.view(1, -1, 1, 1) * y + self.bias.view(1, -1, 1, 1)
+        return LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
 
 
 class SimpleGate(nn.Module):
@@ -114,12 +141,26 @@ class NAFNet(nn.Module):
         return F.pad(x, (0, mod_pad_w, 0, mod_pad_h))
 
 
-def _to_3d(x):  # b c h w -> b (h w) c
-    return x.flatten(2).transpose(1, 2)
+# einops' `rearrange` on torch is `reshape` (split axes), `permute`, `reshape` (merge axes), each
+# step only where the pattern needs it; these are the calls it makes for Restormer's patterns.
+def to_3d(x):  # rearrange(x, 'b c h w -> b (h w) c'): a view, as in einops
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
 
-def _to_4d(x, h, w):  # b (h w) c -> b c h w
-    return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+def to_4d(x, h, w):  # rearrange(x, 'b (h w) c -> b c h w', h=h, w=w)
+    b, _, c = x.shape
+    return x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def split_heads(x, heads):  # rearrange(x, 'b (head c) h w -> b head c (h w)', head=heads)
+    b, c, h, w = x.shape
+    return x.reshape(b, heads, c // heads, h, w).reshape(b, heads, c // heads, h * w)
+
+
+def merge_heads(x, h, w):  # rearrange(x, 'b head c (h w) -> b (head c) h w', h=h, w=w)
+    b, heads, c, _ = x.shape
+    return x.reshape(b, heads, c, h, w).reshape(b, heads * c, h, w)
 
 
 class BiasFree_LayerNorm(nn.Module):
@@ -154,7 +195,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         h, w = x.shape[-2:]
-        return _to_4d(self.body(_to_3d(x)), h, w)
+        return to_4d(self.body(to_3d(x)), h, w)
 
 
 class FeedForward(nn.Module):
@@ -195,16 +236,16 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv_dwconv(self.qkv(x))
         q, k, v = qkv.chunk(3, dim=1)
-        # 'b (head c) h w -> b head c (h w)'
-        q = q.reshape(b, self.num_heads, c // self.num_heads, h * w)
-        k = k.reshape(b, self.num_heads, c // self.num_heads, h * w)
-        v = v.reshape(b, self.num_heads, c // self.num_heads, h * w)
+        contiguous = torch.contiguous_format
+        q = split_heads(q, self.num_heads).contiguous(memory_format=contiguous)
+        k = split_heads(k, self.num_heads).contiguous(memory_format=contiguous)
+        v = split_heads(v, self.num_heads).contiguous(memory_format=contiguous)
         q = torch.nn.functional.normalize(q, dim=-1)
         k = torch.nn.functional.normalize(k, dim=-1)
         attn = (q @ k.transpose(-2, -1)) * self.temperature
         attn = attn.softmax(dim=-1)
         out = attn @ v
-        out = out.reshape(b, c, h, w)
+        out = merge_heads(out, h, w)
         return self.project_out(out)
 
 

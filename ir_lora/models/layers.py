@@ -1,17 +1,29 @@
 """Building blocks shared by the backbones.
 
 `Conv` is `flax.linen.Conv` (same fields, parameter names, shapes and initialisers) whose
-convolution primitive picks a form that XLA:CPU runs fast: a 1x1 convolution becomes a 2-D matmul
-and a depthwise convolution becomes k*k shifted multiply-adds. XLA:CPU differentiates grouped
-convolutions about 13x slower than the shifted form (../shared/reference/STACK.md), and a 4-D 1x1
-dot's kernel gradient is 3-5x slower than the 2-D matmul. Every other configuration goes to
-`lax.conv_general_dilated` unchanged. Because the module *is* an `nn.Conv`, adapters that target
-`nn.Conv` cover it as well.
+convolution primitive is picked per backend by one switch, `conv_form()`:
+
+* `"cpu"` (the default on XLA:CPU): a 1x1 convolution becomes a 2-D matmul and a depthwise
+  convolution becomes k*k shifted multiply-adds. XLA:CPU differentiates grouped convolutions
+  about 13x slower than the shifted form (../shared/reference/STACK.md), and a 4-D 1x1 dot's
+  kernel gradient is 3-5x slower than the 2-D matmul. Every other configuration goes to
+  `lax.conv_general_dilated` unchanged.
+* `"lax"` (the default on GPU and TPU): `lax.conv_general_dilated` itself, `feature_group_count`
+  included, which those backends' convolution libraries run directly.
+
+The default follows `jax.default_backend()`; `CONV_FORM` (module setting), the environment variable
+`IR_LORA_CONV_FORM` (read when a convolution is traced) and the context manager `conv_form_scope`
+override it, in the order scope, setting, variable. The form is read when a function is traced: a
+function jitted under one form keeps it. Both forms give the same numbers (tests/test_layers.py,
+1e-5). Because the module *is* an `nn.Conv`, adapters that target `nn.Conv` cover it as well.
 """
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
@@ -61,7 +73,7 @@ def pointwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, precision=None) -> jnp.n
     return y.reshape(n, h, w, -1)
 
 
-def fast_conv_general_dilated(
+def cpu_conv_general_dilated(
     lhs,
     rhs,
     window_strides: Sequence[int],
@@ -73,7 +85,8 @@ def fast_conv_general_dilated(
     precision: Any = None,
     **kwargs,
 ):
-    """Drop-in `lax.conv_general_dilated` with the fast special cases of the module doc."""
+    """`lax.conv_general_dilated` with XLA:CPU's fast forms: 1x1 as a 2-D matmul, depthwise
+    as shifted multiply-adds."""
     simple = (
         lhs.ndim == 4
         and not kwargs
@@ -113,6 +126,54 @@ def fast_conv_general_dilated(
     )
 
 
+CONV_FORMS: dict[str, Callable[..., Any]] = {
+    "cpu": cpu_conv_general_dilated,
+    "lax": lax.conv_general_dilated,
+}
+CONV_FORM_ENV = "IR_LORA_CONV_FORM"
+# None: the environment variable, else the backend's default (`default_conv_form`).
+CONV_FORM: str | None = None
+_scoped_forms: list[str] = []
+
+
+def default_conv_form(backend: str | None = None) -> str:
+    """The form for `backend` (default `jax.default_backend()`): "cpu" on CPU, else "lax"."""
+    return "cpu" if (backend or jax.default_backend()) == "cpu" else "lax"
+
+
+def _checked(form: str, source: str) -> str:
+    if form not in CONV_FORMS:
+        valid = sorted(CONV_FORMS)
+        raise ValueError(f"{source}={form!r} is not a convolution form; valid: {valid}")
+    return form
+
+
+def conv_form() -> str:
+    """The convolution form in effect: `conv_form_scope`, `CONV_FORM`, `$IR_LORA_CONV_FORM`
+    ("auto" or unset: the backend's default), in that order."""
+    if _scoped_forms:
+        return _scoped_forms[-1]
+    if CONV_FORM is not None:
+        return _checked(CONV_FORM, "layers.CONV_FORM")
+    env = os.environ.get(CONV_FORM_ENV, "auto")
+    return default_conv_form() if env == "auto" else _checked(env, CONV_FORM_ENV)
+
+
+@contextlib.contextmanager
+def conv_form_scope(form: str):
+    """Convolutions traced inside use `form` ("cpu" or "lax")."""
+    _scoped_forms.append(_checked(form, "conv_form_scope"))
+    try:
+        yield
+    finally:
+        _scoped_forms.pop()
+
+
+def fast_conv_general_dilated(*args, **kwargs):
+    """Drop-in `lax.conv_general_dilated` in the form of `conv_form()` (module doc)."""
+    return CONV_FORMS[conv_form()](*args, **kwargs)
+
+
 class _FastConvGeneralDilated:
     """`nn.Conv.conv_general_dilated_cls` protocol: instances are called like the lax function."""
 
@@ -121,7 +182,7 @@ class _FastConvGeneralDilated:
 
 
 class Conv(nn.Conv):
-    """`nn.Conv` with the fast XLA:CPU forms of 1x1 and depthwise convolutions."""
+    """`nn.Conv` whose convolution takes the backend's form (`conv_form()`, module doc)."""
 
     conv_general_dilated_cls: Any = _FastConvGeneralDilated
 

@@ -27,9 +27,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ir_lora.models.layers import Conv, pixel_shuffle
+from ir_lora.models.norms import LayerNorm
 
-# The official LayerNorm2d: per-pixel normalisation over channels, eps 1e-6, two-pass variance.
-_LAYER_NORM_2D = dict(epsilon=1e-6, use_fast_variance=False)
+# The official LayerNorm2d: per-pixel normalisation over channels, eps 1e-6, two-pass variance
+# (`norms.LayerNorm` has its closed-form backward).
+_LAYER_NORM_2D = dict(epsilon=1e-6)
 
 
 def simple_gate(x: jnp.ndarray) -> jnp.ndarray:
@@ -76,13 +78,13 @@ class NAFBlock(nn.Module):
         c = self.features
         dw_channels = c * self.dw_expand
         ffn_channels = c * self.ffn_expand
-        self.norm1 = nn.LayerNorm(**_LAYER_NORM_2D)
+        self.norm1 = LayerNorm(**_LAYER_NORM_2D)
         self.conv1 = Conv(dw_channels, (1, 1))
         self.conv2 = Conv(dw_channels, (3, 3), padding=1, feature_group_count=dw_channels)
         # Simplified channel attention: global average pool, then this 1x1 conv.
         self.sca = Conv(dw_channels // 2, (1, 1))
         self.conv3 = Conv(c, (1, 1))
-        self.norm2 = nn.LayerNorm(**_LAYER_NORM_2D)
+        self.norm2 = LayerNorm(**_LAYER_NORM_2D)
         self.conv4 = Conv(ffn_channels, (1, 1))
         self.conv5 = Conv(c, (1, 1))
         # Residual scales, zero at initialisation so every block starts as the identity.

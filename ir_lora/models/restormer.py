@@ -37,38 +37,43 @@ from flax import linen as nn
 
 from ir_lora.models.layers import Conv, pixel_shuffle, pixel_unshuffle
 from ir_lora.models.nafnet import check_image, pad_to_multiple
+from ir_lora.models.norms import LayerNorm
 
 LAYER_NORM_TYPES = ("WithBias", "BiasFree")
-
-
-class BiasFreeLayerNorm(nn.Module):
-    """Restormer's `BiasFree_LayerNorm`: `x / sqrt(var(x) + eps) * scale`; the mean is kept.
-
-    The variance itself is the ordinary (biased, mean-centred) one over the channels.
-    """
-
-    epsilon: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-        variance = jnp.var(x, axis=-1, keepdims=True)
-        return x * jax.lax.rsqrt(variance + self.epsilon) * scale
 
 
 def layer_norm(layer_norm_type: str) -> nn.Module:
     """Restormer's per-pixel channel LayerNorm (eps 1e-5) of the given type."""
     if layer_norm_type == "WithBias":
-        return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False)
+        return LayerNorm(epsilon=1e-5)
     if layer_norm_type == "BiasFree":
-        return BiasFreeLayerNorm()
+        # `x / sqrt(var(x) + eps) * scale`: the variance is mean-centred, the output is not.
+        return LayerNorm(epsilon=1e-5, bias_free=True)
     raise ValueError(f"layer_norm_type must be one of {LAYER_NORM_TYPES}, got {layer_norm_type!r}")
 
 
-def _l2_normalize(x: jnp.ndarray, axis: int) -> jnp.ndarray:
-    # torch.nn.functional.normalize: x / max(||x||, 1e-12).
-    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, 1e-12)
+def channel_attention(qkv: jnp.ndarray, temperature: jnp.ndarray) -> jnp.ndarray:
+    """MDTA's attention over channels, per head, on `(N, H, W, 3C)` = `[q | k | v]`.
+
+    The official code normalises q and k over the pixels (`F.normalize`, norm floored at 1e-12),
+    takes `softmax(temperature * q k^T)` per head (`(d, d)`, `d = C / heads`, PyTorch's `(head c)`
+    channel order) and applies it to v. Here the grams of the raw q, k are taken over the pixels
+    in the NHWC layout and divided by the two norms afterwards, which is the same number, so
+    neither normalised copies of q and k nor head-major transposes of the activations are ever
+    formed (forward or backward); `tests/test_models.py` checks it against the official order of
+    operations to 1e-5. Returns `(N, H, W, C)`.
+    """
+    n, h, w, c3 = qkv.shape
+    heads = temperature.shape[0]
+    d = c3 // (3 * heads)
+    qkv = qkv.reshape(n, h * w, 3, heads, d)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, pixels, heads, d)
+    gram = jnp.einsum("bphc,bphd->bhcd", q, k)
+    q_norm = jnp.maximum(jnp.sqrt(jnp.sum(q * q, axis=1)), 1e-12)  # (N, heads, d)
+    k_norm = jnp.maximum(jnp.sqrt(jnp.sum(k * k, axis=1)), 1e-12)
+    logits = gram / q_norm[..., :, None] / k_norm[..., None, :] * temperature[:, None, None]
+    attn = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhcd,bphd->bphc", attn, v).reshape(n, h, w, heads * d)
 
 
 class Attention(nn.Module):
@@ -102,19 +107,7 @@ class Attention(nn.Module):
         self.project_out = Conv(self.features, (1, 1), use_bias=self.use_bias)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        n, h, w, c = x.shape
-        head_dim = c // self.num_heads
-
-        def heads(t):  # (N, H, W, heads * d) -> (N, heads, d, H*W), PyTorch's `(head c)` order.
-            return t.reshape(n, h * w, self.num_heads, head_dim).transpose(0, 2, 3, 1)
-
-        q, k, v = jnp.split(self.qkv_dwconv(self.qkv(x)), 3, axis=-1)
-        q = _l2_normalize(heads(q), axis=-1)
-        k = _l2_normalize(heads(k), axis=-1)
-        logits = jnp.einsum("bhcn,bhdn->bhcd", q, k) * self.temperature[:, None, None]
-        attn = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhcd,bhdn->bhcn", attn, heads(v))
-        out = out.transpose(0, 3, 1, 2).reshape(n, h, w, c)
+        out = channel_attention(self.qkv_dwconv(self.qkv(x)), self.temperature)
         return self.project_out(out)
 
 
