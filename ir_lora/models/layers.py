@@ -19,6 +19,7 @@ function jitted under one form keeps it. Both forms give the same numbers (tests
 """
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,8 +44,82 @@ def _is_unit(values) -> bool:
     return values is None or all(v == 1 for v in values)
 
 
+def _shifted_sum(xp: jnp.ndarray, kernel: jnp.ndarray, out_hw) -> jnp.ndarray:
+    """`sum_ij xp[:, i:i+H', j:j+W', :] * kernel[i, j, 0]`: the depthwise "valid" correlation.
+
+    Accumulates in float32 when the inputs are narrower (bf16), as a conv primitive does.
+    """
+    kh, kw = kernel.shape[:2]
+    out_h, out_w = out_hw
+    acc_dtype = jnp.promote_types(jnp.result_type(xp.dtype, kernel.dtype), jnp.float32)
+    xp, weights = xp.astype(acc_dtype), kernel.astype(acc_dtype)
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            term = xp[:, i : i + out_h, j : j + out_w, :] * weights[i, j, 0]
+            out = term if out is None else out + term
+    return out.astype(jnp.result_type(xp.dtype, kernel.dtype))
+
+
+def _pad_hw(x: jnp.ndarray, pads) -> jnp.ndarray:
+    # lax.pad takes negative pads (crops), which the transposed padding can need.
+    zero = jnp.zeros((), x.dtype)
+    return lax.pad(x, zero, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+
+
+def _valid_depthwise(xp, kernel):
+    kh, kw = kernel.shape[:2]
+    return _shifted_sum(xp, kernel, (xp.shape[1] - kh + 1, xp.shape[2] - kw + 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_conv(x, kernel, pads):
+    return _valid_depthwise(_pad_hw(x, pads), kernel)
+
+
+def _depthwise_conv_fwd(x, kernel, pads):
+    # Plain autodiff of the shifted sum keeps each of the k*k shifted slices of the input as a
+    # residual (one activation-sized buffer per tap, benchmarks/NOTES.md M1). Here the padded
+    # input is the only residual, and only when the kernel gradient needs it: a frozen kernel
+    # (LoRA, AdaptIR) keeps nothing but the kernel itself.
+    xp = _pad_hw(x.value, pads)
+    y = _valid_depthwise(xp, kernel.value)
+    return y, (xp if kernel.perturbed else None, kernel.value, x.perturbed, x.value.shape)
+
+
+def _depthwise_conv_bwd(pads, residuals, g):
+    xp, kernel, x_perturbed, x_shape = residuals
+    kh, kw = kernel.shape[:2]
+    dx = dkernel = None
+    if x_perturbed:
+        # The transpose of a correlation is the correlation of the padded cotangent with the
+        # flipped kernel; this padding makes its output exactly the input's shape.
+        transposed = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
+        dx = _valid_depthwise(_pad_hw(g, transposed), kernel[::-1, ::-1]).astype(g.dtype)
+    if xp is not None:
+        # dkernel[i, j] = sum(xp * g placed at offset (i, j)). Slicing the input instead would
+        # repeat the forward's slices, which XLA merges (CSE) and then keeps alive from the
+        # forward to here, one activation-sized buffer per tap.
+        out_h, out_w = g.shape[1:3]
+        acc_dtype = jnp.promote_types(jnp.result_type(xp.dtype, g.dtype), jnp.float32)
+        xp, g = xp.astype(acc_dtype), g.astype(acc_dtype)
+        taps = []
+        for i in range(kh):
+            for j in range(kw):
+                shift = ((i, xp.shape[1] - out_h - i), (j, xp.shape[2] - out_w - j))
+                taps.append(jnp.sum(xp * _pad_hw(g, shift), axis=(0, 1, 2)))
+        dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+    return dx, dkernel
+
+
+_depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd, symbolic_zeros=True)
+
+
 def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, pads) -> jnp.ndarray:
     """Depthwise convolution as a sum of shifted, per-channel scaled copies of the padded input.
+
+    Differentiated by a custom VJP that saves only the input (and not even that for a frozen
+    kernel) and computes both gradients with shifted multiply-adds as well.
 
     Args:
       x: `(N, H, W, C)` input.
@@ -54,16 +129,8 @@ def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, pads) -> jnp.ndarray:
     Returns:
       The `(N, H', W', C)` output, equal to `lax.conv_general_dilated(..., feature_group_count=C)`.
     """
-    kh, kw = kernel.shape[:2]
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    out_h = xp.shape[1] - kh + 1
-    out_w = xp.shape[2] - kw + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            term = xp[:, i : i + out_h, j : j + out_w, :] * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    return _depthwise_conv(x, kernel, pads)
 
 
 def pointwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, precision=None) -> jnp.ndarray:
