@@ -97,8 +97,8 @@ def restore_folder(
       models: one `Restorer`, or several by name (outputs in `output_dir/<name>/`).
       input_path: an image file or a folder (searched recursively).
       output_dir: where the PNGs go, mirroring the input's relative paths.
-      tile, tile_overlap, batch_size: as `Restorer.restore` (None: each model's defaults; no
-        tile means whole images unless they do not fit the device).
+      tile, tile_overlap, batch_size: as `Restorer.restore` (None: each model's defaults; a
+        model without a default tile restores whole images unless they do not fit the device).
       save_16bit: write 16-bit PNGs instead of 8-bit ones.
       overwrite: replace existing outputs.
       skip_existing: leave existing outputs and restore only the missing ones.
@@ -152,9 +152,10 @@ def restore_folder(
                 x = pixels.astype("float32") / 255.0
                 for name, target in per_input[rel].items():
                     try:
-                        restored = restorers[name].restore(
-                            x, tile=tile, tile_overlap=tile_overlap, batch_size=batch_size,
-                            label=source,
+                        model = restorers[name]
+                        restored = model.restore(
+                            x, tile=model.tile if tile is None else tile,
+                            tile_overlap=tile_overlap, batch_size=batch_size, label=source,
                         )  # fmt: skip
                     except (MemoryError, jax.errors.JaxRuntimeError) as error:
                         if isinstance(error, jax.errors.JaxRuntimeError) and (
