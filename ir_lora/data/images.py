@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 _PASS_THROUGH_FORMATS = ("PNG", "JPEG")
@@ -72,6 +72,51 @@ def _to_rgb(img: Image.Image, path: str) -> Image.Image:
     return img.convert("RGB")
 
 
+def _decode(path: str, *, exif_orientation: bool = False) -> tuple[Image.Image, bytes]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ImageError(f"Cannot read image {path!r}: {e}") from e
+    if not raw:
+        raise ImageError(f"Cannot read image {path!r}: the file is empty (0 bytes).")
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()  # decodes fully, so a truncated file fails here and not during training
+        if exif_orientation:
+            img = ImageOps.exif_transpose(img)
+    except UnidentifiedImageError as e:
+        # Pillow's message names the in-memory buffer, not the file.
+        raise ImageError(
+            f"Cannot read image {path!r}: not an image in a format Pillow can decode."
+        ) from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"Cannot read image {path!r}: {e}") from e
+    return img, raw
+
+
+def _pixels(img: Image.Image, path: str) -> tuple[Image.Image, np.ndarray]:
+    rgb = _to_rgb(img, path)
+    pixels = np.asarray(rgb, dtype=np.uint8)
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ImageError(f"{path}: could not convert mode {img.mode} to RGB.")
+    return rgb, pixels
+
+
+def read_rgb(path: str, *, exif_orientation: bool = False) -> np.ndarray:
+    """The `(H, W, 3)` uint8 pixels of an image file, converted as `load_rgb` does.
+
+    Args:
+      path: image file.
+      exif_orientation: first turn the image upright by its EXIF orientation tag, as cv2's
+        `imread` and photo viewers do (datasets keep the stored pixel order).
+
+    Raises:
+      ImageError: if the file cannot be decoded, or holds a floating-point image.
+    """
+    return _pixels(_decode(path, exif_orientation=exif_orientation)[0], path)[1]
+
+
 def load_rgb(path: str) -> tuple[np.ndarray, bytes]:
     """Reads an image file as 8-bit RGB.
 
@@ -86,29 +131,9 @@ def load_rgb(path: str) -> tuple[np.ndarray, bytes]:
     Raises:
       ImageError: if the file cannot be decoded, or holds a floating-point image.
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ImageError(f"Cannot read image {path!r}: {e}") from e
-    if not raw:
-        raise ImageError(f"Cannot read image {path!r}: the file is empty (0 bytes).")
-    try:
-        img = Image.open(io.BytesIO(raw))
-        fmt = img.format
-        img.load()  # decodes fully, so a truncated file fails here and not during training
-    except UnidentifiedImageError as e:
-        # Pillow's message names the in-memory buffer, not the file.
-        raise ImageError(
-            f"Cannot read image {path!r}: not an image in a format Pillow can decode."
-        ) from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"Cannot read image {path!r}: {e}") from e
-    rgb = _to_rgb(img, path)
-    pixels = np.asarray(rgb, dtype=np.uint8)
-    if pixels.ndim != 3 or pixels.shape[-1] != 3:
-        raise ImageError(f"{path}: could not convert mode {img.mode} to RGB.")
-    if rgb is img and fmt in _PASS_THROUGH_FORMATS:
+    img, raw = _decode(path)
+    rgb, pixels = _pixels(img, path)
+    if rgb is img and img.format in _PASS_THROUGH_FORMATS:
         return pixels, raw
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
