@@ -25,10 +25,8 @@ every `Restorer` built on it, so adapters merged into one architecture share the
 """
 
 import dataclasses
-import functools
 import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -37,10 +35,15 @@ import numpy as np
 
 from ir_lora import inference, models
 from ir_lora.restore import files, memory
+from ir_lora.restore.networks import (  # noqa: F401  (part of the restorer API)
+    Forward,
+    architecture_forward,
+    network_multiple,
+    official_reflect_multiple,
+)
 
 _log = logging.getLogger(__name__)
 
-Forward = Callable[[Any, jax.Array], jax.Array]
 # Share of the free device memory that whole-image inference (or one batch of tiles) may use.
 MEMORY_FRACTION = 0.8
 # Below this many pixels an image is compiled as it is without estimating first.
@@ -55,33 +58,6 @@ class Plan:
     tile: int | None
     tile_overlap: int
     reason: str = ""
-
-
-def network_multiple(variant: str, **overrides) -> int:
-    """The multiple a backbone zero-pads its input to by itself."""
-    model = models.build(variant, **overrides)
-    if isinstance(model, models.NAFNet):
-        return 2 ** len(model.enc_blk_nums)
-    return 8  # Restormer's three 2x downsamplings
-
-
-def official_reflect_multiple(variant: str) -> int | None:
-    """The reflect padding of the official inference script: Restormer's demo.py 8, NAFNet none."""
-    return 8 if models.architecture(variant) is models.Restormer else None
-
-
-@functools.cache
-def _architecture_forward(variant: str, overrides: tuple) -> Forward:
-    model = models.build(variant, **dict(overrides))
-    return jax.jit(lambda params, images: model.apply({"params": params}, images))
-
-
-def architecture_forward(variant: str, **overrides) -> Forward:
-    """The jitted `model.apply({"params": p}, x)` of a backbone; one per architecture."""
-    frozen = tuple(
-        sorted((k, tuple(v) if isinstance(v, list | tuple) else v) for k, v in overrides.items())
-    )
-    return _architecture_forward(variant, frozen)
 
 
 def _lcm(a: int, b: int | None) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 import ml_collections
 
 from ir_lora import checkpointing
-from ir_lora.restore import restorer
+from ir_lora.restore import networks
 
 _log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -139,7 +139,7 @@ def load_run(workdir: str, *, backbone_path: str | None = None, config=None) -> 
     forward, params = services.inference(adaptation, model, variables)
     merged = adaptation.merge_fn is not None
     if merged:  # one jitted program for every run of this architecture
-        forward = restorer.architecture_forward(config.model.variant, **overrides)
+        forward = networks.architecture_forward(config.model.variant, **overrides)
     _log.info(
         "%s: step %d of method %r on %s (adapters %s)",
         workdir,
@@ -156,7 +156,7 @@ def load_run(workdir: str, *, backbone_path: str | None = None, config=None) -> 
         forward=forward,
         params=params,
         merged=merged,
-        model_multiple=restorer.network_multiple(config.model.variant, **overrides),
+        model_multiple=networks.network_multiple(config.model.variant, **overrides),
     )
 
 
@@ -188,7 +188,7 @@ def _load_composition(workdir: str, config, backbone_path: str | None) -> Traine
         forward=forward,
         params={**bundle, "params": backbone},
         merged=False,
-        model_multiple=restorer.network_multiple(config.model.variant, **overrides),
+        model_multiple=networks.network_multiple(config.model.variant, **overrides),
     )
 
 
