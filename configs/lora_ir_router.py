@@ -22,7 +22,7 @@ def get_config(arg=None):
     config.classes = lora_ir.default_config().classes
     config.data.gt_size = 64
     config.data.batch_size = 16
-    # Routing accuracy levels off near 0.86 after ~1750 steps (docs/results_adapters.md).
+    # Routing accuracy levels off near 0.8-0.85 after ~1250 steps (docs/results_adapters.md).
     config.num_train_steps = 2000
     config.log_every_steps = 250
     config.optimizer.lr = 2e-3
