@@ -6,7 +6,8 @@ level shift; orthonormal 8x8 DCT (libjpeg's integer DCT computes the same transf
 the IJG standard tables scaled by quality (`jpeg_set_quality` with baseline clipping to [1, 255])
 and rounding; the inverse; libjpeg's default "fancy" triangular chroma upsampling, with its integer
 rounding; YCbCr to RGB rounded and clipped to 8 bits. Against Pillow's encode/decode of photographs
-it reaches about 45-50 dB (tests/degradations/test_degradations.py; benchmarks/jpeg_fidelity.py prints a table).
+it reaches about 45-50 dB (tests/degradations/test_degradations.py; benchmarks/jpeg_fidelity.py
+prints a table).
 """
 
 import jax.numpy as jnp
