@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ir_lora import methods, models
+from ir_lora import methods, models, workdir
 
 FLAGS = flags.FLAGS
 _MODEL_OVERRIDE = re.compile(r"--config\.model\.overrides\.(\w+)=(.*)", re.DOTALL)
@@ -145,5 +145,16 @@ def _parse_flags_with_usage(argv: list[str]) -> list[str]:
 
 
 def run(main) -> None:
-    """`app.run(main)` with `parse_flags`."""
-    app.run(main, argv=sys.argv, flags_parser=_parse_flags_with_usage)
+    """`app.run(main)` with `parse_flags`; a refused multi-host run exits at once (status 3)."""
+
+    def main_or_refused(argv):
+        try:
+            main(argv)
+        except workdir.WorkdirLockedError as error:
+            import jax  # train.py has initialised it by then
+
+            if jax.process_count() == 1:
+                raise
+            workdir.exit_refused(error)
+
+    app.run(main_or_refused, argv=sys.argv, flags_parser=_parse_flags_with_usage)

@@ -38,6 +38,19 @@ class WorkdirLockedError(RuntimeError):
     """Another live run holds the workdir."""
 
 
+def exit_refused(error: WorkdirLockedError, code: int = 3):
+    """Ends a refused process of a multi-host run at once: prints `error`, skips the teardown.
+
+    Such a process holds nothing and has written nothing. The interpreter's normal exit runs
+    JAX's native teardown, which after a collective can wait for the other processes
+    indefinitely: on this project's CPU with gloo, about one refused two-process run in ten
+    hung there (both processes, past every Python frame) instead of exiting.
+    """
+    print(f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def _holder(path: str) -> str:
     try:
         with open(path) as f:

@@ -16,10 +16,14 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENV = {**os.environ, "PYTHONPATH": _ROOT}
 
 # Holds the lock of argv[1] (argv[2]: "multihost" to initialise JAX with process id argv[3] of 2
-# at coordinator argv[4]), prints one line, then waits until argv[-1] exists or it is killed.
+# at coordinator argv[4]), reports one line, then waits until argv[-1] exists or it is killed.
+# The report goes to the original stdout alone: JAX's CPU collectives (gloo) print to file
+# descriptor 1 from their own threads, which would splice their text into the report.
 _HOLDER = textwrap.dedent(
     """
     import os, sys, time
+    report = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     multihost = sys.argv[2] == "multihost"
     if multihost:
         import jax
@@ -28,9 +32,11 @@ _HOLDER = textwrap.dedent(
     try:
         workdir.acquire(sys.argv[1], multihost=multihost)
     except workdir.WorkdirLockedError as error:
-        print("refused", error, flush=True)
+        print("refused", error, file=report, flush=True)
+        if multihost:
+            workdir.exit_refused(error)  # what train.py does (ir_lora.cli.run)
         sys.exit(3)
-    print("locked", os.getpid(), flush=True)
+    print("locked", os.getpid(), file=report, flush=True)
     while not os.path.exists(sys.argv[-1]):
         time.sleep(0.05)
     """
@@ -48,11 +54,8 @@ def _start_holder(*args):
 
 
 def _first_line(process):
-    """The holder's one line ("" if it died first); JAX's CPU collectives print their own."""
-    for line in process.stdout:
-        if line.startswith(("locked", "refused")):
-            return line.strip()
-    return ""
+    """The holder's one line ("" if it died first)."""
+    return process.stdout.readline().strip()
 
 
 def test_second_run_fails_at_once_naming_the_holder_and_a_dead_one_does_not_block(tmp_path):
@@ -82,6 +85,9 @@ def _first_line_of_lock(run):
     return workdir._holder(str(run / workdir.LOCK_FILE))
 
 
+_WAIT = "wait for it to finish or choose another --workdir."
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,19 +104,14 @@ def test_processes_of_one_multihost_run_share_the_lock_and_all_fail_together(tmp
         assert lines == [f"locked {pair[0].pid}", f"locked {pair[1].pid}"]
         with pytest.raises(workdir.WorkdirLockedError, match=f"pid {pair[0].pid}"):
             workdir.acquire(run, multihost=False)
-        # A second two-process run on the same workdir: both of its processes give up at once
-        # (process 1 may be ended by JAX's coordination service when process 0, which hosts it,
-        # exits first; either way neither locks, trains or waits).
+        # A second two-process run on the same workdir: both of its processes give up at once,
+        # with the same message, and leave together (neither locks, trains or waits).
         address = f"127.0.0.1:{_free_port()}"
         rivals = [_start_holder(run, "multihost", i, address, stop) for i in range(2)]
-        assert _first_line(rivals[0]).startswith(f"refused Workdir {run} is in use by another")
-        assert _first_line(rivals[1]) in (
-            "",
-            f"refused Workdir {run} is in use by another run "
-            f"({_first_line_of_lock(run)}, as process 0 found); "
-            "wait for it to finish or choose another --workdir.",
-        )
-        assert rivals[0].wait(timeout=120) == 3 and rivals[1].wait(timeout=120) != 0
+        message = f"refused Workdir {run} is in use by another run ({_first_line_of_lock(run)}"
+        assert _first_line(rivals[0]) == f"{message}); {_WAIT}"
+        assert _first_line(rivals[1]) == f"{message}, as process 0 found); {_WAIT}"
+        assert [p.wait(timeout=120) for p in rivals] == [3, 3]
     finally:
         stop.touch()
         for process in pair:
