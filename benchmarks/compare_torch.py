@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from benchmarks import common, torch_lora
+from configs import common as configs_common
 from ir_lora.models import build, layers
-from ir_lora.peft import intercept, lora
+from ir_lora.peft import intercept
 
 ROWS = ("full", "lora", "lora_all", "lora_factors", "forward")
 DEFAULT_ROWS = ("full", "lora", "lora_all", "forward")
@@ -63,10 +64,12 @@ def jax_setup(args, row, sample):
         )
     model = build(args.model)
     params = common.random_params(intercept.eval_shape_init(model, sample)["params"], 0)
-    targets = tuple((p, args.rank if r is None else r) for p, r in API_TOUR_TARGETS)
-    config = lora.LoraConfig(targets=targets)
-    method, size = common._lora_method(model, params, sample, config, jax.random.key(0), True)
-    return common.Setup("lora_all", model, params, method, config, size)
+    config = configs_common.training_config("finetune", "lora")
+    config.lora.targets = tuple((p, args.rank if r is None else r) for p, r in API_TOUR_TARGETS)
+    config.lora.tune_bias_norm = True
+    method, size = common._registered(config, model, params, sample, jax.random.key(0))
+    lora_config = common.lora_method.lora_config(config.lora)
+    return common.Setup("lora_all", model, params, method, lora_config, size)
 
 
 def torch_forms(row):

@@ -10,8 +10,13 @@ per-pixel statistics, not the normalised tensor: the backward recomputes `y` ins
     y = (x - mean) * r,  r = 1 / sqrt(var + eps),  out = y * scale + bias        (`layer_norm`)
     out = x * r * scale                    (Restormer's BiasFree, `bias_free_layer_norm`)
 
-Statistics are computed in at least float32; the output has the input's dtype. `tests/test_norms.py`
-checks values and gradients against the plain formulas to 1e-5.
+The channel reductions (the two statistics and the backward's two per-pixel sums) take the form
+of the backend through `layers.conv_form()`: on XLA:CPU ("cpu") each is a `(pixels, C) @ ones(C)`
+matrix-vector product, which XLA:CPU runs as one vectorised dot instead of a reduction loop nest
+over the short last axis (faster there, benchmarks/NOTES.md E10); elsewhere ("lax") `jnp.mean`.
+Statistics are computed in at least float32; the output has the input's dtype.
+`tests/models/test_norms.py` checks both forms' values and gradients against the plain formulas
+to 1e-5.
 """
 
 import functools
@@ -20,13 +25,27 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ir_lora.models import layers
+
+
+def _channel_mean(t):
+    """`jnp.mean(t, axis=-1, keepdims=True)`, as a matrix-vector product on XLA:CPU."""
+    if layers.conv_form() != "cpu":
+        return jnp.mean(t, axis=-1, keepdims=True)
+    c = t.shape[-1]
+    # HIGHEST: a backend that would run a default-precision dot in bf16 passes keeps float32.
+    mean = jnp.dot(
+        t.reshape(-1, c), jnp.full((c,), 1.0 / c, t.dtype), precision=jax.lax.Precision.HIGHEST
+    )
+    return mean.reshape(*t.shape[:-1], 1)
+
 
 def _statistics(x, epsilon):
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = jnp.mean(x, axis=-1, keepdims=True)
+    mean = _channel_mean(x)
     centred = x - mean
     # Two-pass variance, as both official models (and `use_fast_variance=False`).
-    rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)
+    rstd = jax.lax.rsqrt(_channel_mean(centred * centred) + epsilon)
     return x, mean, rstd
 
 
@@ -52,9 +71,7 @@ def _layer_norm_bwd(epsilon, residuals, grad):
     grad = grad.astype(rstd.dtype)
     y = (x.astype(rstd.dtype) - mean) * rstd
     g = grad * scale
-    dx = rstd * (
-        g - jnp.mean(g, axis=-1, keepdims=True) - y * jnp.mean(g * y, axis=-1, keepdims=True)
-    )
+    dx = rstd * (g - _channel_mean(g) - y * _channel_mean(g * y))
     d_scale = _sum_leading(grad * y).astype(scale.dtype)
     d_bias = _sum_leading(grad).astype(scale.dtype)
     return dx.astype(x.dtype), d_scale, d_bias
@@ -82,7 +99,7 @@ def _bias_free_bwd(epsilon, residuals, grad):
     y = x32 * rstd
     g = grad * scale
     # d/dx of the variance only sees the centred input: dx = r (g - (x - mean) r mean(g y)).
-    dx = rstd * (g - (x32 - mean) * rstd * jnp.mean(g * y, axis=-1, keepdims=True))
+    dx = rstd * (g - (x32 - mean) * rstd * _channel_mean(g * y))
     return dx.astype(x.dtype), _sum_leading(grad * y).astype(scale.dtype)
 
 

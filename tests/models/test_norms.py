@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from ir_lora.models import norms
+from ir_lora.models import layers, norms
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
+
+# "cpu": the reductions as matrix-vector products against ones; "lax": `jnp.mean`.
+REDUCTION_FORMS = pytest.mark.parametrize("form", ["cpu", "lax"])
 
 
 def _plain_with_bias(x, scale, bias, eps):
@@ -33,32 +36,40 @@ def _inputs(c=7):
     return x, scale, bias, weights
 
 
+@REDUCTION_FORMS
 @pytest.mark.parametrize("eps", [1e-6, 1e-5])
-def test_layer_norm_matches_the_plain_formula(eps):
-    x, scale, bias, weights = _inputs()
+@pytest.mark.parametrize("c", [7, 48])
+def test_layer_norm_matches_the_plain_formula(eps, c, form):
+    x, scale, bias, weights = _inputs(c)
     fast = lambda x, s, b: norms.layer_norm(x, s, b, eps)
     plain = lambda x, s, b: _plain_with_bias(x, s, b, eps)
-    np.testing.assert_allclose(fast(x, scale, bias), plain(x, scale, bias), atol=1e-5, rtol=1e-5)
 
     def loss(f):
         return lambda *a: jnp.sum(jnp.sin(f(*a)) * weights)
 
-    got = jax.grad(loss(fast), (0, 1, 2))(x, scale, bias)
+    with layers.conv_form_scope(form):
+        out = fast(x, scale, bias)
+        got = jax.grad(loss(fast), (0, 1, 2))(x, scale, bias)
+    np.testing.assert_allclose(out, plain(x, scale, bias), atol=1e-5, rtol=1e-5)
     want = jax.grad(loss(plain), (0, 1, 2))(x, scale, bias)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
 
 
-def test_bias_free_layer_norm_matches_the_plain_formula():
-    x, scale, _, weights = _inputs()
+@REDUCTION_FORMS
+@pytest.mark.parametrize("c", [7, 48])
+def test_bias_free_layer_norm_matches_the_plain_formula(c, form):
+    x, scale, _, weights = _inputs(c)
     fast = lambda x, s: norms.bias_free_layer_norm(x, s, 1e-5)
     plain = lambda x, s: _plain_bias_free(x, s, 1e-5)
-    np.testing.assert_allclose(fast(x, scale), plain(x, scale), atol=1e-5, rtol=1e-5)
 
     def loss(f):
         return lambda *a: jnp.sum(jnp.sin(f(*a)) * weights)
 
-    got = jax.grad(loss(fast), (0, 1))(x, scale)
+    with layers.conv_form_scope(form):
+        out = fast(x, scale)
+        got = jax.grad(loss(fast), (0, 1))(x, scale)
+    np.testing.assert_allclose(out, plain(x, scale), atol=1e-5, rtol=1e-5)
     want = jax.grad(loss(plain), (0, 1))(x, scale)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
