@@ -177,7 +177,11 @@ def print_table(results, args):
         if "error" in r:
             print("| " + " | ".join(cells) + f" | failed: {r['error']} |")
             continue
-        ratio = r["temp"] / full[key] if (key := (r["variant"], r["remat"], r["dtype"])) in full else None
+        ratio = (
+            r["temp"] / full[key]
+            if (key := (r["variant"], r["remat"], r["dtype"])) in full
+            else None
+        )
         cells += [_gib(r[k]) for k in ("temp", "arguments", "outputs", "footprint")]
         cells.append("-" if ratio is None else f"{ratio:.2f}")
         fits = r.get("max_batch", {})
