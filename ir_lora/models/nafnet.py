@@ -21,13 +21,16 @@ Differences from the PyTorch code: no dropout (every released configuration uses
 default initialisers (the pre-trained weights are what matter here).
 """
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
 
 from ir_lora.models.layers import Conv, pixel_shuffle
 from ir_lora.models.norms import LayerNorm
+from ir_lora.models.remat import remat_block
 
 # The official LayerNorm2d: per-pixel normalisation over channels, eps 1e-6, two-pass variance
 # (`norms.LayerNorm` has its closed-form backward).
@@ -68,25 +71,28 @@ class NAFBlock(nn.Module):
       features: channels in and out (`c` in the paper).
       dw_expand: expansion of the depthwise branch (`DW_Expand`).
       ffn_expand: expansion of the feed-forward branch (`FFN_Expand`).
+      dtype: computation dtype of the convolutions (parameters stay float32).
     """
 
     features: int
     dw_expand: int = 2
     ffn_expand: int = 2
+    dtype: Any = jnp.float32
 
     def setup(self):
         c = self.features
         dw_channels = c * self.dw_expand
         ffn_channels = c * self.ffn_expand
+        conv = functools.partial(Conv, dtype=self.dtype)
         self.norm1 = LayerNorm(**_LAYER_NORM_2D)
-        self.conv1 = Conv(dw_channels, (1, 1))
-        self.conv2 = Conv(dw_channels, (3, 3), padding=1, feature_group_count=dw_channels)
+        self.conv1 = conv(dw_channels, (1, 1))
+        self.conv2 = conv(dw_channels, (3, 3), padding=1, feature_group_count=dw_channels)
         # Simplified channel attention: global average pool, then this 1x1 conv.
-        self.sca = Conv(dw_channels // 2, (1, 1))
-        self.conv3 = Conv(c, (1, 1))
+        self.sca = conv(dw_channels // 2, (1, 1))
+        self.conv3 = conv(c, (1, 1))
         self.norm2 = LayerNorm(**_LAYER_NORM_2D)
-        self.conv4 = Conv(ffn_channels, (1, 1))
-        self.conv5 = Conv(c, (1, 1))
+        self.conv4 = conv(ffn_channels, (1, 1))
+        self.conv5 = conv(c, (1, 1))
         # Residual scales, zero at initialisation so every block starts as the identity.
         self.beta = self.param("beta", nn.initializers.zeros, (c,))
         self.gamma = self.param("gamma", nn.initializers.zeros, (c,))
@@ -100,18 +106,24 @@ class NAFBlock(nn.Module):
         x = simple_gate(x)
         x = x * self.sca(jnp.mean(x, axis=(1, 2), keepdims=True))
         x = self.conv3(x)
-        y = inputs + x * self.beta
-        return y + self.feed_forward(self.norm2(y)) * self.gamma
+        # The residual scales are float32 parameters: cast, or bf16 activations would promote.
+        y = inputs + x * self.beta.astype(x.dtype)
+        ffn = self.feed_forward(self.norm2(y))
+        return y + ffn * self.gamma.astype(ffn.dtype)
 
 
 class NAFStage(nn.Module):
-    """`num_blocks` NAFBlocks of width `features` in sequence (submodules `blocks_{j}`)."""
+    """`num_blocks` NAFBlocks of width `features` in sequence (submodules `blocks_{j}`), each
+    rematerialised as `remat` says (`ir_lora.models.remat`)."""
 
     features: int
     num_blocks: int
+    dtype: Any = jnp.float32
+    remat: str = "none"
 
     def setup(self):
-        self.blocks = [NAFBlock(self.features) for _ in range(self.num_blocks)]
+        block = remat_block(NAFBlock, self.remat)
+        self.blocks = [block(self.features, dtype=self.dtype) for _ in range(self.num_blocks)]
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         for block in self.blocks:
@@ -128,6 +140,10 @@ class NAFNet(nn.Module):
       middle_blk_num: blocks of the middle stage.
       enc_blk_nums: blocks of each encoder stage.
       dec_blk_nums: blocks of each decoder stage (as many stages as `enc_blk_nums`).
+      dtype: computation dtype (e.g. `jnp.bfloat16`). Parameters stay float32; LayerNorm
+        statistics are float32 and the output is float32, so the loss and metrics are too.
+      remat: which blocks recompute their activations in the backward pass: "none",
+        "blocks" or "blocks_jax" (`ir_lora.models.remat`). Parameter paths do not change.
     """
 
     img_channel: int = 3
@@ -135,6 +151,8 @@ class NAFNet(nn.Module):
     middle_blk_num: int = 1
     enc_blk_nums: Sequence[int] = ()
     dec_blk_nums: Sequence[int] = ()
+    dtype: Any = jnp.float32
+    remat: str = "none"
 
     def setup(self):
         if len(self.enc_blk_nums) != len(self.dec_blk_nums):
@@ -142,21 +160,23 @@ class NAFNet(nn.Module):
                 "NAFNet needs as many decoder as encoder stages, got "
                 f"enc_blk_nums={tuple(self.enc_blk_nums)}, dec_blk_nums={tuple(self.dec_blk_nums)}"
             )
-        self.intro = Conv(self.width, (3, 3), padding=1)
-        self.ending = Conv(self.img_channel, (3, 3), padding=1)
+        conv = functools.partial(Conv, dtype=self.dtype)
+        stage = functools.partial(NAFStage, dtype=self.dtype, remat=self.remat)
+        self.intro = conv(self.width, (3, 3), padding=1)
+        self.ending = conv(self.img_channel, (3, 3), padding=1)
         encoders, downs = [], []
         chan = self.width
         for num in self.enc_blk_nums:
-            encoders.append(NAFStage(chan, num))
-            downs.append(Conv(2 * chan, (2, 2), strides=2, padding="VALID"))
+            encoders.append(stage(chan, num))
+            downs.append(conv(2 * chan, (2, 2), strides=2, padding="VALID"))
             chan *= 2
         self.encoders, self.downs = encoders, downs
-        self.middle_blks = NAFStage(chan, self.middle_blk_num)
+        self.middle_blks = stage(chan, self.middle_blk_num)
         ups, decoders = [], []
         for num in self.dec_blk_nums:
-            ups.append(Conv(2 * chan, (1, 1), use_bias=False))
+            ups.append(conv(2 * chan, (1, 1), use_bias=False))
             chan //= 2
-            decoders.append(NAFStage(chan, num))
+            decoders.append(stage(chan, num))
         self.ups, self.decoders = ups, decoders
 
     def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
@@ -164,7 +184,7 @@ class NAFNet(nn.Module):
         check_image(images, self.img_channel, "NAFNet")
         height, width = images.shape[1:3]
         inputs = pad_to_multiple(images, 2 ** len(self.enc_blk_nums))
-        x = self.intro(inputs)
+        x = self.intro(inputs.astype(self.dtype))
         skips = []
         for encoder, down in zip(self.encoders, self.downs):
             x = encoder(x)
@@ -174,5 +194,5 @@ class NAFNet(nn.Module):
         for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips)):
             x = pixel_shuffle(up(x), 2) + skip
             x = decoder(x)
-        x = self.ending(x) + inputs
+        x = self.ending(x).astype(inputs.dtype) + inputs
         return x[:, :height, :width, :]
