@@ -111,7 +111,22 @@ def build(variant: str, **overrides) -> nn.Module:
         )
     merged = {**kwargs, **overrides}
     merged = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
+    if isinstance(merged.get("dtype"), str):  # from a config or the command line: "bfloat16"
+        merged["dtype"] = _dtype(merged["dtype"], variant)
     return module_cls(**merged)
+
+
+def _dtype(name: str, variant: str):
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"Override dtype={name!r} for {variant!r} is not a floating-point dtype; "
+            "use e.g. 'float32' or 'bfloat16'"
+        )
+    return dtype
 
 
 def _input_channels(model: nn.Module) -> int:

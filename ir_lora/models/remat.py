@@ -1,4 +1,4 @@
-"""Rematerialisation of the backbones' blocks: the `remat` field of NAFNet (Restormer has none yet).
+"""Rematerialisation of the backbones' blocks: the `remat` field of NAFNet and Restormer.
 
 `remat_block(cls, remat)` is the block class to instantiate for a `remat` setting:
 

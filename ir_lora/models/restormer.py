@@ -29,7 +29,9 @@ Restormer test scripts and demo.py pad by reflection before calling the network,
 is not provided, and flax's default initialisers are used.
 """
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,7 @@ from flax import linen as nn
 from ir_lora.models.layers import Conv, pixel_shuffle, pixel_unshuffle
 from ir_lora.models.nafnet import check_image, pad_to_multiple
 from ir_lora.models.norms import LayerNorm
+from ir_lora.models.remat import remat_block
 
 LAYER_NORM_TYPES = ("WithBias", "BiasFree")
 
@@ -61,19 +64,32 @@ def channel_attention(qkv: jnp.ndarray, temperature: jnp.ndarray) -> jnp.ndarray
     in the NHWC layout and divided by the two norms afterwards, which is the same number, so
     neither normalised copies of q and k nor head-major transposes of the activations are ever
     formed (forward or backward); `tests/test_models.py` checks it against the official order of
-    operations to 1e-5. Returns `(N, H, W, C)`.
+    operations to 1e-5. Returns `(N, H, W, C)` in `qkv`'s dtype.
+
+    With narrower (bf16) activations the grams and norms are sums over every pixel: they are
+    accumulated in float32, and the logits and softmax stay float32 (the `(d, d)` maps are
+    small); only the final product with v runs in `qkv`'s dtype.
     """
     n, h, w, c3 = qkv.shape
     heads = temperature.shape[0]
     d = c3 // (3 * heads)
+    wide = jnp.promote_types(qkv.dtype, jnp.float32)
     qkv = qkv.reshape(n, h * w, 3, heads, d)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, pixels, heads, d)
-    gram = jnp.einsum("bphc,bphd->bhcd", q, k)
-    q_norm = jnp.maximum(jnp.sqrt(jnp.sum(q * q, axis=1)), 1e-12)  # (N, heads, d)
-    k_norm = jnp.maximum(jnp.sqrt(jnp.sum(k * k, axis=1)), 1e-12)
-    logits = gram / q_norm[..., :, None] / k_norm[..., None, :] * temperature[:, None, None]
-    attn = jax.nn.softmax(logits, axis=-1)
+    gram = jnp.einsum("bphc,bphd->bhcd", q, k, preferred_element_type=wide)
+    q_norm = jnp.maximum(jnp.sqrt(_sum_of_squares(q, wide)), 1e-12)  # (N, heads, d)
+    k_norm = jnp.maximum(jnp.sqrt(_sum_of_squares(k, wide)), 1e-12)
+    temperature = temperature.astype(wide)[:, None, None]
+    logits = gram / q_norm[..., :, None] / k_norm[..., None, :] * temperature
+    attn = jax.nn.softmax(logits, axis=-1).astype(qkv.dtype)
     return jnp.einsum("bhcd,bphd->bphc", attn, v).reshape(n, h, w, heads * d)
+
+
+def _sum_of_squares(t: jnp.ndarray, dtype) -> jnp.ndarray:
+    """`sum(t * t)` over the pixel axis 1, accumulated in `dtype`."""
+    if t.dtype == dtype:
+        return jnp.sum(t * t, axis=1)
+    return jnp.einsum("bphc,bphc->bhc", t, t, preferred_element_type=dtype)
 
 
 class Attention(nn.Module):
@@ -83,11 +99,13 @@ class Attention(nn.Module):
       features: channels in and out.
       num_heads: attention heads; `features` must be divisible by it.
       use_bias: whether the convolutions have biases.
+      dtype: computation dtype of the convolutions (parameters stay float32).
     """
 
     features: int
     num_heads: int
     use_bias: bool = False
+    dtype: Any = jnp.float32
 
     def setup(self):
         if self.features % self.num_heads:
@@ -95,16 +113,17 @@ class Attention(nn.Module):
                 f"Attention: features={self.features} not divisible by num_heads={self.num_heads}"
             )
         qkv_channels = 3 * self.features
+        conv = functools.partial(Conv, dtype=self.dtype)
         self.temperature = self.param("temperature", nn.initializers.ones, (self.num_heads,))
-        self.qkv = Conv(qkv_channels, (1, 1), use_bias=self.use_bias)
-        self.qkv_dwconv = Conv(
+        self.qkv = conv(qkv_channels, (1, 1), use_bias=self.use_bias)
+        self.qkv_dwconv = conv(
             qkv_channels,
             (3, 3),
             padding=1,
             feature_group_count=qkv_channels,
             use_bias=self.use_bias,
         )
-        self.project_out = Conv(self.features, (1, 1), use_bias=self.use_bias)
+        self.project_out = conv(self.features, (1, 1), use_bias=self.use_bias)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         out = channel_attention(self.qkv_dwconv(self.qkv(x)), self.temperature)
@@ -118,19 +137,20 @@ class FeedForward(nn.Module):
       features: channels in and out.
       expansion_factor: `hidden = int(features * expansion_factor)`.
       use_bias: whether the convolutions have biases.
+      dtype: computation dtype of the convolutions (parameters stay float32).
     """
 
     features: int
     expansion_factor: float = 2.66
     use_bias: bool = False
+    dtype: Any = jnp.float32
 
     def setup(self):
         hidden = int(self.features * self.expansion_factor)
-        self.project_in = Conv(2 * hidden, (1, 1), use_bias=self.use_bias)
-        self.dwconv = Conv(
-            2 * hidden, (3, 3), padding=1, feature_group_count=2 * hidden, use_bias=self.use_bias
-        )
-        self.project_out = Conv(self.features, (1, 1), use_bias=self.use_bias)
+        conv = functools.partial(Conv, dtype=self.dtype, use_bias=self.use_bias)
+        self.project_in = conv(2 * hidden, (1, 1))
+        self.dwconv = conv(2 * hidden, (3, 3), padding=1, feature_group_count=2 * hidden)
+        self.project_out = conv(self.features, (1, 1))
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x1, x2 = jnp.split(self.dwconv(self.project_in(x)), 2, axis=-1)
@@ -146,12 +166,13 @@ class TransformerBlock(nn.Module):
     ffn_expansion_factor: float = 2.66
     use_bias: bool = False
     layer_norm_type: str = "WithBias"
+    dtype: Any = jnp.float32
 
     def setup(self):
         self.norm1 = layer_norm(self.layer_norm_type)
-        self.attn = Attention(self.features, self.num_heads, self.use_bias)
+        self.attn = Attention(self.features, self.num_heads, self.use_bias, self.dtype)
         self.norm2 = layer_norm(self.layer_norm_type)
-        self.ffn = FeedForward(self.features, self.ffn_expansion_factor, self.use_bias)
+        self.ffn = FeedForward(self.features, self.ffn_expansion_factor, self.use_bias, self.dtype)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = x + self.attn(self.norm1(x))
@@ -159,7 +180,8 @@ class TransformerBlock(nn.Module):
 
 
 class TransformerStage(nn.Module):
-    """`num_blocks` TransformerBlocks in sequence (submodules `blocks_{j}`)."""
+    """`num_blocks` TransformerBlocks in sequence (submodules `blocks_{j}`), each
+    rematerialised as `remat` says (`ir_lora.models.remat`)."""
 
     features: int
     num_blocks: int
@@ -167,15 +189,19 @@ class TransformerStage(nn.Module):
     ffn_expansion_factor: float = 2.66
     use_bias: bool = False
     layer_norm_type: str = "WithBias"
+    dtype: Any = jnp.float32
+    remat: str = "none"
 
     def setup(self):
+        block = remat_block(TransformerBlock, self.remat)
         self.blocks = [
-            TransformerBlock(
+            block(
                 self.features,
                 self.num_heads,
                 self.ffn_expansion_factor,
                 self.use_bias,
                 self.layer_norm_type,
+                self.dtype,
             )
             for _ in range(self.num_blocks)
         ]
@@ -189,18 +215,28 @@ class TransformerStage(nn.Module):
 class Downsample(nn.Module):
     """Conv 3x3 (no bias) c -> c/2, then PixelUnshuffle(2): (H, W, c) -> (H/2, W/2, 2c)."""
 
+    dtype: Any = jnp.float32
+
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x = Conv(x.shape[-1] // 2, (3, 3), padding=1, use_bias=False, name="conv")(x)
+        conv = Conv(
+            x.shape[-1] // 2, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="conv"
+        )
+        x = conv(x)
         return pixel_unshuffle(x, 2)
 
 
 class Upsample(nn.Module):
     """Conv 3x3 (no bias) c -> 2c, then PixelShuffle(2): (H, W, c) -> (2H, 2W, c/2)."""
 
+    dtype: Any = jnp.float32
+
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x = Conv(2 * x.shape[-1], (3, 3), padding=1, use_bias=False, name="conv")(x)
+        conv = Conv(
+            2 * x.shape[-1], (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="conv"
+        )
+        x = conv(x)
         return pixel_shuffle(x, 2)
 
 
@@ -220,6 +256,11 @@ class Restormer(nn.Module):
       layer_norm_type: "WithBias" or "BiasFree" (the real-denoising release).
       pad_mode: `jnp.pad` mode that brings H and W to multiples of 8: "constant" (zeros) or
         "reflect" (as the official test scripts).
+      dtype: computation dtype (e.g. `jnp.bfloat16`). Parameters stay float32; LayerNorm
+        statistics, the attention maps' softmax and the output are float32, so the loss and
+        metrics are too.
+      remat: which blocks recompute their activations in the backward pass: "none",
+        "blocks" or "blocks_jax" (`ir_lora.models.remat`). Parameter paths do not change.
     """
 
     inp_channels: int = 3
@@ -232,6 +273,8 @@ class Restormer(nn.Module):
     use_bias: bool = False
     layer_norm_type: str = "WithBias"
     pad_mode: str = "constant"
+    dtype: Any = jnp.float32
+    remat: str = "none"
 
     def setup(self):
         if self.out_channels != self.inp_channels:
@@ -258,35 +301,38 @@ class Restormer(nn.Module):
                 self.ffn_expansion_factor,
                 self.use_bias,
                 self.layer_norm_type,
+                self.dtype,
+                self.remat,
             )
 
+        conv = functools.partial(Conv, dtype=self.dtype)
         # The original builds OverlapPatchEmbed without passing `bias`: never a bias here.
-        self.patch_embed = Conv(dim, (3, 3), padding=1, use_bias=False)
+        self.patch_embed = conv(dim, (3, 3), padding=1, use_bias=False)
         self.encoder_level1 = stage(dim, blocks[0], heads[0])
-        self.down1_2 = Downsample()
+        self.down1_2 = Downsample(self.dtype)
         self.encoder_level2 = stage(2 * dim, blocks[1], heads[1])
-        self.down2_3 = Downsample()
+        self.down2_3 = Downsample(self.dtype)
         self.encoder_level3 = stage(4 * dim, blocks[2], heads[2])
-        self.down3_4 = Downsample()
+        self.down3_4 = Downsample(self.dtype)
         self.latent = stage(8 * dim, blocks[3], heads[3])
-        self.up4_3 = Upsample()
-        self.reduce_chan_level3 = Conv(4 * dim, (1, 1), use_bias=self.use_bias)
+        self.up4_3 = Upsample(self.dtype)
+        self.reduce_chan_level3 = conv(4 * dim, (1, 1), use_bias=self.use_bias)
         self.decoder_level3 = stage(4 * dim, blocks[2], heads[2])
-        self.up3_2 = Upsample()
-        self.reduce_chan_level2 = Conv(2 * dim, (1, 1), use_bias=self.use_bias)
+        self.up3_2 = Upsample(self.dtype)
+        self.reduce_chan_level2 = conv(2 * dim, (1, 1), use_bias=self.use_bias)
         self.decoder_level2 = stage(2 * dim, blocks[1], heads[1])
-        self.up2_1 = Upsample()
+        self.up2_1 = Upsample(self.dtype)
         # Level 1 keeps the concatenated 2*dim channels (no channel reduction), as in the original.
         self.decoder_level1 = stage(2 * dim, blocks[0], heads[0])
         self.refinement = stage(2 * dim, self.num_refinement_blocks, heads[0])
-        self.output = Conv(self.out_channels, (3, 3), padding=1, use_bias=self.use_bias)
+        self.output = conv(self.out_channels, (3, 3), padding=1, use_bias=self.use_bias)
 
     def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
         """Restores `(N, H, W, inp_channels)` images of any size; returns the same shape."""
         check_image(images, self.inp_channels, "Restormer")
         height, width = images.shape[1:3]
         inputs = pad_to_multiple(images, 8, self.pad_mode)
-        enc1 = self.encoder_level1(self.patch_embed(inputs))
+        enc1 = self.encoder_level1(self.patch_embed(inputs.astype(self.dtype)))
         enc2 = self.encoder_level2(self.down1_2(enc1))
         enc3 = self.encoder_level3(self.down2_3(enc2))
         latent = self.latent(self.down3_4(enc3))
@@ -296,5 +342,5 @@ class Restormer(nn.Module):
         x = self.decoder_level2(self.reduce_chan_level2(x))
         x = jnp.concatenate([self.up2_1(x), enc1], axis=-1)
         x = self.refinement(self.decoder_level1(x))
-        x = self.output(x) + inputs
+        x = self.output(x).astype(inputs.dtype) + inputs
         return x[:, :height, :width, :]

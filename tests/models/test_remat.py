@@ -1,4 +1,4 @@
-"""`remat` of the NAFNet blocks: same parameter paths, outputs and gradients as the plain model."""
+"""`remat` of the backbones' blocks: same parameter paths, outputs and gradients as the plain model."""
 
 import jax
 import jax.numpy as jnp
@@ -8,14 +8,17 @@ import pytest
 from ir_lora import models
 
 
-@pytest.mark.parametrize("remat", ["blocks", "blocks_jax"])
-def test_nafnet_remat_matches_plain(remat):
+@pytest.mark.parametrize(
+    "variant, remat",
+    [("nafnet-tiny", "blocks"), ("nafnet-tiny", "blocks_jax"), ("restormer-tiny", "blocks")],
+)
+def test_remat_matches_plain(variant, remat):
     x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
-    plain = models.build("nafnet-tiny")
-    params = plain.init(jax.random.key(0), x)["params"]
+    plain = models.build(variant)
+    params = jax.jit(plain.init)(jax.random.key(0), x)["params"]
     # Non-zero residual scales, so every block's branches reach the output and the gradients.
     params = jax.tree.map(lambda p: p + 0.05, params)
-    rematted = models.build("nafnet-tiny", remat=remat)
+    rematted = models.build(variant, remat=remat)
     shapes = jax.eval_shape(rematted.init, jax.random.key(0), x)["params"]
     assert jax.tree.structure(shapes) == jax.tree.structure(params)
 
