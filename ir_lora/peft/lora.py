@@ -227,8 +227,11 @@ def _lora_layer_bwd(linear, residuals, g):
     dx = jax.vjp(lambda x: apply(x, merged), x)[1](g)[0] if x_perturbed else None
     h, narrow_vjp = jax.vjp(lambda a: _narrow(linear, x, a, merged.shape), down)
     h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
-    d_up = scale * jnp.dot(h2.T, g2, precision=jax.lax.Precision.HIGHEST)
-    g_narrow = scale * jnp.dot(g2, up.T, precision=jax.lax.Precision.HIGHEST)
+    # Sums over every pixel: accumulated in float32 under a bf16 layer.
+    wide = jnp.promote_types(g.dtype, jnp.float32)
+    highest = jax.lax.Precision.HIGHEST
+    d_up = scale * jnp.dot(h2.T, g2, precision=highest, preferred_element_type=wide)
+    g_narrow = scale * jnp.dot(g2, up.T, precision=highest)
     (d_down,) = narrow_vjp(g_narrow.reshape(h.shape).astype(h.dtype))
     # The layer is linear in its kernel, so W0's gradient is the merged kernel's.
     d_kernel = jax.vjp(lambda k: apply(x, k), merged)[1](g)[0] if kernel_perturbed else None

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import linen as nn
+from flax.linen.dtypes import promote_dtype
 
 from ir_lora.methods.base import Parts, init_or_given
 from ir_lora.methods.lora_ir import modulation as modulation_lib
@@ -49,9 +50,10 @@ def _experts(section, weights, next_fun, args, kwargs, module):
     """The wrapped conv with its experts mixed by the per-image `weights` (N, E)."""
     if not module.has_variable("params", "kernel"):  # init: the frozen layer creates its params
         next_fun(*args, **kwargs)
-    x = args[0]
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
+    # In the layer's computation dtype (bf16 backbones), as the layer itself would run.
+    x, kernel, bias = promote_dtype(args[0], kernel, bias, dtype=module.dtype)
 
     def init():
         return mixlora.init_factors(
