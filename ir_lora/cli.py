@@ -5,9 +5,10 @@ it (a typo is an error that names the nearest key). Two things need more than ml
 own parsing:
 
 * `--config.model.overrides.FIELD=VALUE` sets any constructor field of the backbone (e.g.
-  `width=16`, `enc_blk_nums='(1, 1)'`, `dtype=bfloat16`), also one the config file did not set;
-  the value is read as a Python literal (else kept as text) and checked against the variant's
-  fields at once.
+  `width=16`, `enc_blk_nums='(1, 1)'`, `dtype=bfloat16`, `remat=blocks`), also one the config
+  file did not set; the value is read as a Python literal (else kept as text) and checked
+  against the variant's fields at once. A config with several stages takes the same form on
+  each stage's section: `--config.finetune.model.overrides.dtype=bfloat16` (the quickstart).
 * an override of a section the config does not have names the method that has it: a
   `--config.lora.rank=8` on a CoLoRA run is an error, not silently ignored.
 """
@@ -23,7 +24,7 @@ from ml_collections import config_flags
 from ir_lora import methods, models, workdir
 
 FLAGS = flags.FLAGS
-_MODEL_OVERRIDE = re.compile(r"--config\.model\.overrides\.(\w+)=(.*)", re.DOTALL)
+_MODEL_OVERRIDE = re.compile(r"--config\.((?:\w+\.)*)model\.overrides\.(\w+)=(.*)", re.DOTALL)
 _OVERRIDE = re.compile(r"--config\.([\w.]+)(=.*)?", re.DOTALL)
 
 
@@ -107,30 +108,34 @@ def _explain(argv, error: Exception) -> str:
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
     """`absl.app.run`'s flag parser: config overrides applied, with errors that name the fix."""
-    model_overrides, rest = {}, []
+    model_overrides, rest = {}, []  # {section path: {field: value}}
     for arg in argv:
         match = _MODEL_OVERRIDE.fullmatch(arg)
         if match:
-            model_overrides[match.group(1)] = _literal(match.group(2))
+            fields = model_overrides.setdefault(match.group(1).rstrip("."), {})
+            fields[match.group(2)] = _literal(match.group(3))
         else:
             rest.append(arg)
     try:
         leftover = flag_values(rest)
     except (KeyError, AttributeError) as error:
         raise flags.IllegalFlagValueError(_explain(rest, error)) from None
-    if model_overrides:
-        config = flag_values.config
-        if "model" not in config:
+    for path, fields in model_overrides.items():
+        flag = f"--config.{path + '.' if path else ''}model.overrides"
+        section = flag_values.config
+        for key in path.split(".") if path else ():
+            section = section.get(key) if hasattr(section, "get") else None
+        if section is None or not hasattr(section, "get") or "model" not in section:
             raise flags.IllegalFlagValueError(
-                f"--config.model.overrides.*: this config (stage {config.get('stage')!r}) has "
-                "no backbone section 'model'"
+                f"{flag}.*: this config (stage {flag_values.config.get('stage')!r}) has no "
+                f"backbone section '{path + '.' if path else ''}model'"
             )
-        with config.unlocked():
-            config.model.overrides.update(model_overrides)
+        with section.unlocked():
+            section.model.overrides.update(fields)
         try:
-            models.build(config.model.variant, **dict(config.model.overrides))
+            models.build(section.model.variant, **dict(section.model.overrides))
         except ValueError as error:
-            raise flags.IllegalFlagValueError(f"--config.model.overrides: {error}") from None
+            raise flags.IllegalFlagValueError(f"{flag}: {error}") from None
     return leftover
 
 

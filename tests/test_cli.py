@@ -31,6 +31,24 @@ def test_any_model_field_and_any_list_are_settable():
     assert config.prod.ops == ("blur", "haze")
 
 
+def test_remat_and_dtype_on_a_config_and_on_each_stage_of_the_quickstart():
+    config = _parse(
+        "--config=configs/finetune_lora.py:variant=restormer",
+        "--config.model.overrides.remat=blocks",
+        "--config.model.overrides.dtype=bfloat16",
+    )
+    assert dict(config.model.overrides) == {"remat": "blocks", "dtype": "bfloat16"}
+    config = _parse(
+        "--config=configs/quickstart.py", "--config.finetune.model.overrides.dtype=bfloat16"
+    )
+    assert config.finetune.model.overrides.dtype == "bfloat16"
+    assert "dtype" not in config.pretrain.model.overrides
+    with pytest.raises(flags.IllegalFlagValueError, match="no backbone section 'fine.model'"):
+        _parse("--config=configs/quickstart.py", "--config.fine.model.overrides.dtype=bfloat16")
+    with pytest.raises(flags.IllegalFlagValueError, match="dtype=.bfloat61. .*not a floating-point dtype"):
+        _parse("--config=configs/finetune_lora.py", "--config.model.overrides.dtype=bfloat61")
+
+
 def test_an_unknown_model_field_is_an_error_naming_the_valid_ones():
     with pytest.raises(flags.IllegalFlagValueError, match=r"\['widht'\].*valid fields: .*width"):
         _parse("--config=configs/finetune_lora.py", "--config.model.overrides.widht=16")
