@@ -45,7 +45,9 @@ def test_remat_and_dtype_on_a_config_and_on_each_stage_of_the_quickstart():
     assert "dtype" not in config.pretrain.model.overrides
     with pytest.raises(flags.IllegalFlagValueError, match="no backbone section 'fine.model'"):
         _parse("--config=configs/quickstart.py", "--config.fine.model.overrides.dtype=bfloat16")
-    with pytest.raises(flags.IllegalFlagValueError, match="dtype=.bfloat61. .*not a floating-point dtype"):
+    with pytest.raises(
+        flags.IllegalFlagValueError, match="dtype=.bfloat61. .*not a floating-point dtype"
+    ):
         _parse("--config=configs/finetune_lora.py", "--config.model.overrides.dtype=bfloat61")
 
 

@@ -51,14 +51,15 @@ def _shifted_sum(xp: jnp.ndarray, kernel: jnp.ndarray, out_hw) -> jnp.ndarray:
     """
     kh, kw = kernel.shape[:2]
     out_h, out_w = out_hw
-    acc_dtype = jnp.promote_types(jnp.result_type(xp.dtype, kernel.dtype), jnp.float32)
+    out_dtype = jnp.result_type(xp.dtype, kernel.dtype)
+    acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
     xp, weights = xp.astype(acc_dtype), kernel.astype(acc_dtype)
     out = None
     for i in range(kh):
         for j in range(kw):
             term = xp[:, i : i + out_h, j : j + out_w, :] * weights[i, j, 0]
             out = term if out is None else out + term
-    return out.astype(jnp.result_type(xp.dtype, kernel.dtype))
+    return out.astype(out_dtype)
 
 
 def _pad_hw(x: jnp.ndarray, pads) -> jnp.ndarray:

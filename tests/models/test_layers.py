@@ -137,3 +137,20 @@ def test_pixel_shuffle_matches_torch_channel_order():
     got = layers.pixel_shuffle(jnp.asarray(x), r)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(layers.pixel_unshuffle(got, r), x)
+
+
+def test_depthwise_keeps_a_bfloat16_input_in_bfloat16_forward_and_backward():
+    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 4), jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 4), jnp.bfloat16)
+    y, vjp = jax.vjp(lambda x, k: layers.depthwise_conv(x, k, ((1, 1), (1, 1))), x, kernel)
+    dx, dkernel = vjp(jnp.ones_like(y))
+    assert (y.dtype, dx.dtype, dkernel.dtype) == (jnp.bfloat16,) * 3
+    want = lax.conv_general_dilated(
+        x.astype(jnp.float32),
+        kernel.astype(jnp.float32),
+        (1, 1),
+        ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=4,
+    )
+    np.testing.assert_allclose(y.astype(jnp.float32), want, rtol=2e-2, atol=2e-2)

@@ -1,4 +1,4 @@
-"""`remat` of the backbones' blocks: same parameter paths, outputs and gradients as the plain model."""
+"""`remat` of the backbone blocks: same parameter paths, outputs and gradients as plain."""
 
 import jax
 import jax.numpy as jnp
