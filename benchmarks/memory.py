@@ -104,11 +104,13 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def analyse(row: Row, batch: int, size: int) -> dict:
-    """XLA's memory accounting of `row`'s step (bytes) and its compile seconds."""
-    step, args = build_step(row, batch, size)
+def analyse(row: Row, batch: int, size: int, time_steps: int = 0) -> dict:
+    """XLA's memory accounting of `row`'s step (bytes), its compile seconds and, with
+    `time_steps`, the median seconds of that many steps of the same compiled program (after
+    one warm-up step)."""
+    step, (state, frozen, images) = build_step(row, batch, size)
     start = time.perf_counter()
-    compiled = step.lower(*_abstract(args)).compile()
+    compiled = step.lower(*_abstract((state, frozen, images))).compile()
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     out = {
@@ -119,20 +121,15 @@ def analyse(row: Row, batch: int, size: int) -> dict:
         "compile_s": seconds,
     }
     out["footprint"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
+    if time_steps:
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = compiled(holder["state"], frozen, images)
+            return metrics
+
+        out["step_s"] = common.median_seconds(run, steps=time_steps, warmup=1)
     return out
-
-
-def time_step(row: Row, batch: int, size: int, steps: int) -> float:
-    """Median seconds of one step over `steps` after one warm-up."""
-    step, (state, frozen, images) = build_step(row, batch, size)
-    compiled = step.lower(state, frozen, images).compile()
-    holder = {"state": state}
-
-    def run():
-        holder["state"], metrics = compiled(holder["state"], frozen, images)
-        return metrics
-
-    return common.median_seconds(run, steps=steps, warmup=1)
 
 
 def largest_batches(small: dict, large: dict, batch: int, size: int, sizes, budgets) -> dict:
@@ -207,15 +204,13 @@ def _verify(row, fits, args) -> dict:
 
 def measure(row: Row, args) -> dict:
     out = dataclasses.asdict(row)
-    out.update(analyse(row, args.batch, args.size))
+    out.update(analyse(row, args.batch, args.size, args.time_steps))
     if args.fit_sizes and args.batch > 1:
         small = analyse(row, 1, args.size)
         fits = largest_batches(small, out, args.batch, args.size, args.fit_sizes, args.budgets)
         out["max_batch"] = {str(c): {str(b): n for b, n in v.items()} for c, v in fits.items()}
         if args.verify:
             out["verify"] = _verify(row, fits, args)
-    if args.time_steps:
-        out["step_s"] = time_step(row, args.batch, args.size, args.time_steps)
     return out
 
 
