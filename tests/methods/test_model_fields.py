@@ -26,11 +26,10 @@ def _random(tree, seed, scale=0.1):
     return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), s.dtype), tree)
 
 
-def _loss_and_grads(method: str, **overrides):
+def _setup(method: str):
+    """`(config, x, trainable, frozen)` of `method` on the plain nafnet-tiny."""
     config = common.training_config("finetune", method, "nafnet-tiny")
-    model = models.build("nafnet-tiny", **overrides)
     x = jnp.asarray(np.random.default_rng(0).uniform(size=SHAPE), jnp.float32)
-    # Shapes from the plain model: the fields change no parameter.
     backbone = _random(intercept.eval_shape_init(models.build("nafnet-tiny"), x)["params"], 1)
     if method == "lora_ir":
         router = routing.build_router(config.router)
@@ -39,10 +38,21 @@ def _loss_and_grads(method: str, **overrides):
             "modulation": None,
             "router": router.init(jax.random.key(2), x)["params"],
         }
-    adaptation = methods.build(config, model, image_shape=SHAPE)
+    adaptation = methods.build(config, models.build("nafnet-tiny"), image_shape=SHAPE)
     trainable, frozen = jax.jit(adaptation.method.init_fn)(jax.random.key(0), backbone)
     # Non-zero adapters (LoRA's up factors start at zero), so every factor gets a gradient.
     trainable = jax.tree.map(lambda a, r: a + r, trainable, _random(trainable, 3, 0.05))
+    return config, x, backbone, trainable, frozen
+
+
+def _loss_and_grads(setup, **overrides):
+    config, x, backbone, trainable, frozen = setup
+    adaptation = methods.build(config, models.build("nafnet-tiny", **overrides), image_shape=SHAPE)
+    # The fields change no parameter: the method's trees are those of the plain model.
+    shapes = jax.eval_shape(adaptation.method.init_fn, jax.random.key(0), backbone)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), shapes) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), (trainable, frozen)
+    )
 
     def loss(trainable):
         out = adaptation.method.apply_fn(trainable, frozen, x)
@@ -57,11 +67,12 @@ def test_adapters_under_remat_and_bfloat16(method, monkeypatch):
     # LoRA: every 1x1 conv takes the low-rank custom VJP (at full size only the wide ones do),
     # the other convs the merged kernel, so both backward paths run.
     monkeypatch.setattr(lora, "LOW_RANK_BACKWARD_RATIO", 0)
-    want, want_out, want_grads = _loss_and_grads(method)
+    setup = _setup(method)
+    want, want_out, want_grads = _loss_and_grads(setup)
     want_flat = _flat(want_grads)
 
     # remat="blocks": the same numbers.
-    got, got_out, got_grads = _loss_and_grads(method, remat="blocks")
+    got, got_out, got_grads = _loss_and_grads(setup, remat="blocks")
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-6)
     assert jax.tree.structure(got_grads) == jax.tree.structure(want_grads)
@@ -71,7 +82,7 @@ def test_adapters_under_remat_and_bfloat16(method, monkeypatch):
     assert _relative(_flat(got_grads), want_flat) < tolerance
 
     # dtype=bfloat16: close, with float32 outputs, parameters and gradients.
-    _, got_out, got_grads = _loss_and_grads(method, dtype="bfloat16")
+    _, got_out, got_grads = _loss_and_grads(setup, dtype="bfloat16")
     assert got_out.dtype == jnp.float32
     assert 0 < _relative(got_out, want_out) < 2e-2
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(got_grads))

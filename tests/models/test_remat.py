@@ -7,6 +7,8 @@ import pytest
 
 from ir_lora import models
 
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
 
 @pytest.mark.parametrize(
     "variant, remat",
@@ -15,12 +17,14 @@ from ir_lora import models
 def test_remat_matches_plain(variant, remat):
     x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
     plain = models.build(variant)
-    params = jax.jit(plain.init)(jax.random.key(0), x)["params"]
-    # Non-zero residual scales, so every block's branches reach the output and the gradients.
-    params = jax.tree.map(lambda p: p + 0.05, params)
+    shapes = jax.eval_shape(plain.init, jax.random.key(0), x)["params"]
+    # Random weights, residual scales included, so every block's branches reach the gradients.
+    leaves, tree = jax.tree.flatten(shapes)
+    rng = np.random.default_rng(0)
+    params = tree.unflatten([jnp.asarray(rng.normal(0.05, 0.1, s.shape), s.dtype) for s in leaves])
     rematted = models.build(variant, remat=remat)
-    shapes = jax.eval_shape(rematted.init, jax.random.key(0), x)["params"]
-    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+    rematted_shapes = jax.eval_shape(rematted.init, jax.random.key(0), x)["params"]
+    assert jax.tree.structure(rematted_shapes) == tree
 
     def loss(model):
         return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)))
