@@ -1,4 +1,5 @@
-"""ir_lora (JAX) against the official PyTorch code on the same CPU, timed interleaved in one run.
+"""ir_lora (JAX) against the official PyTorch code on the same CPU, timed interleaved in one run,
+each runtime in a process of its own.
 
     python -m benchmarks.compare_torch --model nafnet-sidd-w32               # batch 4 of 128x128
     python -m benchmarks.compare_torch --model restormer --batch 1
@@ -18,16 +19,21 @@ the same random weights as the flax model. Rows:
 * `lora_factors`: as `lora`, the factors alone trained (not a default row).
 * `forward`: inference.
 
-Steps are AdamW on the PSNR loss. Each round calls every JAX program once and every PyTorch
-form once per thread count (`--threads`), so load changes on a shared machine hit all; a PyTorch
-form's time is its best thread count, and each ratio is JAX against the fastest PyTorch form.
-Forward outputs of every pair are compared first, so the timed programs compute the same thing.
+Steps are AdamW on the PSNR loss. JAX and PyTorch each run in a spawned process that builds
+its programs and then makes one call per request from this one, so only one side computes at a
+time and neither runtime's threads or allocator share a process with the other's (together in
+one process, the JAX steps ran 1.5-2.5x slower: `benchmarks/NOTES.md`, E11-E13). Each round
+calls every JAX program once and every PyTorch form once per thread count (`--threads`), so load
+changes on a shared machine hit all; a PyTorch form's time is its best thread count, and each
+ratio is JAX against the fastest PyTorch form. Forward outputs of every pair are compared first,
+so the timed programs compute the same thing.
 `--json` writes everything the table shows plus the machine, load and versions.
 """
 
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -37,9 +43,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
-from benchmarks import common, torch_lora
+from benchmarks import common
 from configs import common as configs_common
 from ir_lora.models import build, layers
 from ir_lora.peft import intercept
@@ -75,26 +80,78 @@ def jax_setup(args, row, sample):
 def torch_forms(row):
     """The PyTorch programs timed against `row`'s JAX step."""
     if row in ("lora", "lora_factors"):
-        return torch_lora.FORMS
+        return ("peft", "merged")
     return ("merged",) if row == "lora_all" else ("official",)
 
 
-def torch_net(args, setup, row, form):
-    net = torch_lora.official_net(args.model, setup.params)
-    if form == "official":
-        return net
-    trainable, _ = setup.method.init_fn(None)
-    torch_lora.set_trainable(net, args.model, trainable.get("params"))
-    torch_lora.attach(net, args.model, trainable["lora"], form)
-    return net
+def build_jax(args, row, batch):
+    """`(fn, info, forward output)` of `row`'s JAX program, compiled."""
+    setup = jax_setup(args, row, jax.ShapeDtypeStruct(batch["lq"].shape, jnp.float32))
+    trainable, frozen = setup.method.init_fn(None)
+    out = np.asarray(jax.jit(setup.method.apply_fn)(trainable, frozen, batch["lq"]))
+    info = {}
+    if row == "forward":
+        apply = jax.jit(lambda p, x: setup.model.apply({"params": p}, x))
+        compiled, info["compile_s"] = common.compile_seconds(apply, setup.params, batch["lq"])
+        info["trainable_jax"] = 0
+        return (lambda: compiled(setup.params, batch["lq"])), info, out
+    step, state, frozen = common.make_step(setup)
+    compiled, info["compile_s"] = common.compile_seconds(step, state, frozen, batch)
+    info["trainable_jax"] = sum(x.size for x in jax.tree.leaves(state.trainable))
+    holder = {"state": state}
+
+    def fn():
+        holder["state"], metrics = compiled(holder["state"], frozen, batch)
+        return metrics
+
+    return fn, info, out
+
+
+def build_torch(args, row, batch):
+    """`({form: fn}, info, {form: forward output})` of `row`'s PyTorch programs.
+
+    The flax weights (and LoRA factors) are made here with the same seeds as in `build_jax`;
+    nothing else of JAX runs in this process.
+    """
+    import torch
+
+    from benchmarks import torch_lora
+
+    setup = jax_setup(args, row, jax.ShapeDtypeStruct(batch["lq"].shape, jnp.float32))
+    lq = torch.from_numpy(np.asarray(batch["lq"]).transpose(0, 3, 1, 2).copy())
+    gt = torch.from_numpy(np.asarray(batch["gt"]).transpose(0, 3, 1, 2).copy())
+    fns, outs, info = {}, {}, {"trainable_torch": {}}
+    for form in torch_forms(row):
+        net = torch_lora.official_net(args.model, setup.params)
+        if form != "official":
+            trainable, _ = setup.method.init_fn(None)
+            torch_lora.set_trainable(net, args.model, trainable.get("params"))
+            torch_lora.attach(net, args.model, trainable["lora"], form)
+        with torch.no_grad():
+            outs[form] = net(lq).numpy().transpose(0, 2, 3, 1)
+        if row == "forward":
+
+            def fn(net=net):
+                with torch.no_grad():
+                    return net(lq)
+
+            info["trainable_torch"][form] = 0
+        else:
+            fn, info["trainable_torch"][form] = torch_step_fn(net, lq, gt)
+        fns[form] = fn
+    return fns, info, outs
 
 
 def torch_psnr_loss(pred, target):
+    import torch
+
     per_image = torch.mean((pred - target) ** 2, dim=(1, 2, 3))
     return (10.0 / np.log(10.0)) * torch.mean(torch.log(per_image + 1e-8))
 
 
 def torch_step_fn(net, lq, gt):
+    import torch
+
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=common.OPTIMIZER["lr"], weight_decay=0.0)
 
@@ -108,62 +165,102 @@ def torch_step_fn(net, lq, gt):
     return step, sum(p.numel() for p in trainable)
 
 
-def build_row(args, row, batch):
-    """`(jax_fn, {form: torch_fn}, info)`, after checking every pair's forward outputs agree."""
-    sample = jax.ShapeDtypeStruct(batch["lq"].shape, jnp.float32)
-    setup = jax_setup(args, row, sample)
-    trainable, frozen = setup.method.init_fn(None)
-    out_jax = np.asarray(jax.jit(setup.method.apply_fn)(trainable, frozen, batch["lq"]))
-    lq = torch.from_numpy(np.asarray(batch["lq"]).transpose(0, 3, 1, 2).copy())
-    gt = torch.from_numpy(np.asarray(batch["gt"]).transpose(0, 3, 1, 2).copy())
-    info = {"max_abs_diff": {}, "trainable_torch": {}}
-    torch_fns = {}
-    for form in torch_forms(row):
-        net = torch_net(args, setup, row, form)
-        with torch.no_grad():
-            out_torch = net(lq).numpy().transpose(0, 2, 3, 1)
-        info["max_abs_diff"][form] = float(np.max(np.abs(out_jax - out_torch)))
-        if row == "forward":
+def worker(side, args, conn):
+    """One side's process: builds its programs, then runs one call per request.
 
-            def torch_fn(net=net):
-                with torch.no_grad():
-                    return net(lq)
-
-            info["trainable_torch"][form] = 0
-        else:
-            torch_fn, info["trainable_torch"][form] = torch_step_fn(net, lq, gt)
-        torch_fns[form] = torch_fn
-    if row == "forward":
-        apply = jax.jit(lambda p, x: setup.model.apply({"params": p}, x))
-        compiled, info["compile_s"] = common.compile_seconds(apply, setup.params, batch["lq"])
-        info["trainable_jax"] = 0
-        return (lambda: compiled(setup.params, batch["lq"])), torch_fns, info
-    step, state, frozen = common.make_step(setup)
-    compiled, info["compile_s"] = common.compile_seconds(step, state, frozen, batch)
-    info["trainable_jax"] = sum(x.size for x in jax.tree.leaves(state.trainable))
-    holder = {"state": state}
-
-    def jax_fn():
-        holder["state"], metrics = compiled(holder["state"], frozen, batch)
-        return metrics
-
-    return jax_fn, torch_fns, info
-
-
-def interleaved(fns, *, rounds, warmup):
-    """`{name: median seconds}`; each round calls every `(name, fn, threads)` once, in order.
-
-    `threads` is the PyTorch thread count set before the call (None for JAX).
+    Requests are `(name, torch threads or None)`; each answer is the call's wall seconds.
     """
-    times = {name: [] for name, _, _ in fns}
+    batch = common.sample_batch(args.batch, args.size)
+    built, versions = {}, {"jax": jax.__version__}
+    if side == "jax":
+        versions["conv_form"] = layers.conv_form()
+        for row in args.rows:
+            fn, info, out = build_jax(args, row, batch)
+            built[row] = fn
+            conn.send((row, info, {"jax": out}))
+        block = jax.block_until_ready
+    else:
+        import torch
+
+        versions["torch"] = torch.__version__
+        for row in args.rows:
+            fns, info, outs = build_torch(args, row, batch)
+            built.update({(row, form): fn for form, fn in fns.items()})
+            conn.send((row, info, outs))
+        block = lambda x: x  # noqa: E731  (PyTorch's CPU calls return when done)
+    conn.send(("ready", versions, None))
+    while (request := conn.recv()) is not None:
+        name, threads = request
+        if threads is not None:
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        block(built[name]())
+        conn.send(time.perf_counter() - start)
+
+
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # never give freed memory back
+
+
+def worker_envs(args) -> dict[str, dict[str, str]]:
+    """`{worker: extra environment}`: one JAX process and one PyTorch process per allocator.
+
+    With `--jemalloc`, JAX runs on it and PyTorch on both glibc and it (each form's time is its
+    fastest setting), so neither side is held to an allocator that slows it.
+    """
+    if not args.jemalloc:
+        return {"jax": {}, "torch": {}}
+    jemalloc = {"LD_PRELOAD": args.jemalloc, "MALLOC_CONF": JEMALLOC_CONF}
+    return {"jax": jemalloc, "torch": {}, "torch jemalloc": jemalloc}
+
+
+def start_workers(args):
+    """`({worker: (process, connection)}, infos, outputs, versions)` once all are built."""
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for name, env in worker_envs(args).items():
+        parent, child = context.Pipe()
+        side = name.split()[0]
+        process = context.Process(target=worker, args=(side, args, child), daemon=True)
+        saved = dict(os.environ)
+        os.environ.update(env)  # a spawned process starts with this environment
+        try:
+            process.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        workers[name] = (process, parent)
+    infos = {row: {} for row in args.rows}
+    outputs = {row: {} for row in args.rows}
+    versions = {}
+    for side, (process, conn) in workers.items():
+        while True:
+            try:
+                row, info, outs = conn.recv()
+            except EOFError:
+                raise RuntimeError(
+                    f"the {side} process died while building (exit code "
+                    f"{process.exitcode}); its traceback is above"
+                ) from None
+            if row == "ready":
+                versions.update(info)
+                break
+            infos[row].update(info)
+            outputs[row].update(outs)
+            print(f"{side}: {row} built", file=sys.stderr, flush=True)
+    return workers, infos, outputs, versions
+
+
+def interleaved(workers, calls, *, rounds, warmup):
+    """`{key: median seconds}`; each round makes every `(key, side, program, threads)` call
+    once, in order, each in its side's process while the other process waits."""
+    times = {key: [] for key, *_ in calls}
     for i in range(warmup + rounds):
-        for name, fn, threads in fns:
-            if threads is not None:
-                torch.set_num_threads(threads)
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
+        for key, side, program, threads in calls:
+            conn = workers[side][1]
+            conn.send((program, threads))
+            seconds = conn.recv()
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[key].append(seconds)
         print(f"round {i + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -187,23 +284,35 @@ def _load() -> str:
         return "unknown"
 
 
-def summarize(args, built, medians):
+def torch_settings(args) -> dict[str, tuple[str, int]]:
+    """`{label: (PyTorch worker, threads)}`, every setting each PyTorch form is timed in."""
+    return {
+        (f"{n}" if name == "torch" else f"{n}, {name.split()[1]}"): (name, n)
+        for name in worker_envs(args)
+        if name != "jax"
+        for n in args.threads
+    }
+
+
+def summarize(args, infos, outputs, medians):
     rows = {}
-    for row, (_, torch_fns, info) in built.items():
+    for row in args.rows:
         forms = {}
-        for form in torch_fns:
-            by_threads = {n: 1e3 * medians[row, form, n] for n in args.threads}
-            best = min(by_threads, key=by_threads.get)
-            forms[form] = {"ms": by_threads[best], "threads": best, "ms_by_threads": by_threads}
+        for form in torch_forms(row):
+            by_setting = {s: 1e3 * medians[row, form, s] for s in torch_settings(args)}
+            best = min(by_setting, key=by_setting.get)
+            forms[form] = {"ms": by_setting[best], "threads": best, "ms_by_setting": by_setting}
         fastest = min(forms, key=lambda f: forms[f]["ms"])
         jax_ms = 1e3 * medians[row, "jax"]
+        out = outputs[row]
         rows[row] = dict(
             jax_ms=jax_ms,
             torch=forms,
             fastest_torch_form=fastest,
             torch_ms=forms[fastest]["ms"],
             ratio=jax_ms / forms[fastest]["ms"],
-            **info,
+            max_abs_diff={f: float(np.max(np.abs(out["jax"] - out[f]))) for f in forms},
+            **infos[row],
         )
     for row, r in rows.items():
         if "full" in rows and row != "full":
@@ -219,12 +328,14 @@ def summarize(args, built, medians):
 def print_table(args, meta, rows):
     print(
         f"\n{args.model}, batch {args.batch} of {args.size}x{args.size}, LoRA rank {args.rank}, "
-        f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up; "
+        f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up, "
+        "JAX and PyTorch each in its own process; "
+        f"jemalloc {meta['jemalloc'] or 'not used'}; "
         f"{meta['date']}, {meta['machine']}, load {meta['load_before']} -> {meta['load_after']}; "
-        f"jax {jax.__version__} (conv form {meta['conv_form']!r}), torch {torch.__version__}\n"
+        f"jax {meta['jax']} (conv form {meta['conv_form']!r}), torch {meta['torch']}\n"
     )
     print(
-        "| row | JAX ms | PyTorch ms by form (threads) | JAX / fastest PyTorch "
+        "| row | JAX ms | PyTorch ms by form (threads, allocator) | JAX / fastest PyTorch "
         "| JAX / JAX full | PyTorch / PyTorch full | target | compile s | max abs diff |"
     )
     print("|---|---:|---|---:|---:|---:|---|---:|---:|")
@@ -260,30 +371,46 @@ def main():
         help="torch.set_num_threads values, each timed; a form's time is its fastest",
     )
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS)
+    parser.add_argument(
+        "--jemalloc",
+        metavar="LIBJEMALLOC_SO",
+        help="run JAX on this jemalloc (LD_PRELOAD, never giving freed memory back to the OS) and "
+        "PyTorch on it and on glibc, e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (NOTES E14)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.jemalloc and not os.path.isfile(args.jemalloc):
+        raise FileNotFoundError(f"--jemalloc {args.jemalloc!r}: no such file")
     if args.model.split("-")[0] not in TARGETS:
         raise ValueError(f"--model {args.model!r}: compare_torch builds NAFNet and Restormer only")
-    batch = common.sample_batch(args.batch, args.size)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": _machine(),
         "load_before": _load(),
-        "conv_form": layers.conv_form(),
-        "jax": jax.__version__,
-        "torch": torch.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jemalloc": args.jemalloc or "",
     }
-    # All rows are built first and timed in the same rounds, so their ratios share the load.
-    built = {row: build_row(args, row, batch) for row in args.rows}
-    fns = []
-    for row, (jax_fn, torch_fns, _) in built.items():
-        fns.append(((row, "jax"), jax_fn, None))
-        for form, fn in torch_fns.items():
-            fns += [((row, form, n), fn, n) for n in args.threads]
-    medians = interleaved(fns, rounds=args.rounds, warmup=args.warmup)
+    # Both sides build every row first and are timed in the same rounds, so their ratios share
+    # the load; each runtime has a process of its own (NOTES E11-E13: PyTorch in the same process
+    # slowed the JAX calls 1.5-2.5x).
+    workers, infos, outputs, versions = start_workers(args)
+    meta.update(versions)
+    calls = []
+    for row in args.rows:
+        calls.append(((row, "jax"), "jax", row, None))
+        calls += [
+            ((row, form, setting), name, (row, form), n)
+            for form in torch_forms(row)
+            for setting, (name, n) in torch_settings(args).items()
+        ]
+    try:
+        medians = interleaved(workers, calls, rounds=args.rounds, warmup=args.warmup)
+    finally:
+        for process, conn in workers.values():
+            conn.send(None)
+            process.join(timeout=60)
     meta["load_after"] = _load()
-    rows = summarize(args, built, medians)
+    rows = summarize(args, infos, outputs, medians)
     print_table(args, meta, rows)
     if args.json:
         with open(args.json, "w") as f:
