@@ -24,9 +24,9 @@ its programs and then makes one call per request from this one, so only one side
 time and neither runtime's threads or allocator share a process with the other's (together in
 one process, the JAX steps ran 1.5-2.5x slower: `benchmarks/NOTES.md`, E11-E13). Each round
 calls every JAX program once and every PyTorch form once per thread count (`--threads`), so load
-changes on a shared machine hit all; a PyTorch form's time is its best thread count, and each
-ratio is JAX against the fastest PyTorch form. Forward outputs of every pair are compared first,
-so the timed programs compute the same thing.
+changes on a shared machine hit all; a PyTorch form's time is its best setting (thread count,
+and allocator with `--jemalloc`), and each ratio is JAX against the fastest PyTorch form.
+Forward outputs of every pair are compared first, so the timed programs compute the same thing.
 `--json` writes everything the table shows plus the machine, load and versions.
 """
 
@@ -80,7 +80,7 @@ def jax_setup(args, row, sample):
 def torch_forms(row):
     """The PyTorch programs timed against `row`'s JAX step."""
     if row in ("lora", "lora_factors"):
-        return ("peft", "merged")
+        return ("peft", "merged")  # torch_lora.FORMS, without importing torch here
     return ("merged",) if row == "lora_all" else ("official",)
 
 
