@@ -74,8 +74,9 @@ def channel_attention(qkv: jnp.ndarray, temperature: jnp.ndarray) -> jnp.ndarray
     heads = temperature.shape[0]
     d = c3 // (3 * heads)
     wide = jnp.promote_types(qkv.dtype, jnp.float32)
-    qkv = qkv.reshape(n, h * w, 3, heads, d)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, pixels, heads, d)
+    # `split`, not indexing: its transpose is one concatenate, where three slices would
+    # transpose to three zero-padded full-width cotangents summed (benchmarks/NOTES.md, E15).
+    q, k, v = (t.reshape(n, h * w, heads, d) for t in jnp.split(qkv, 3, axis=-1))
     gram = jnp.einsum("bphc,bphd->bhcd", q, k, preferred_element_type=wide)
     q_norm = jnp.maximum(jnp.sqrt(_sum_of_squares(q, wide)), 1e-12)  # (N, heads, d)
     k_norm = jnp.maximum(jnp.sqrt(_sum_of_squares(k, wide)), 1e-12)
@@ -154,8 +155,16 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x1, x2 = jnp.split(self.dwconv(self.project_in(x)), 2, axis=-1)
-        # PyTorch's F.gelu is the exact (erf) form.
-        return self.project_out(jax.nn.gelu(x1, approximate=False) * x2)
+        return self.project_out(gelu(x1) * x2)
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+    """PyTorch's `F.gelu` (the exact form) as PyTorch computes it, `x/2 (1 + erf(x / sqrt 2))`.
+
+    `jax.nn.gelu(approximate=False)` takes `erfc`, which XLA:CPU evaluates in two branches and
+    a select, slower than `erf`'s one rational form (benchmarks/NOTES.md, E15).
+    """
+    return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 class TransformerBlock(nn.Module):
