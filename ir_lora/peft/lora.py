@@ -22,9 +22,9 @@ gradients through the layer's kernel gradient. On XLA:CPU this is faster for eve
 running a separate low-rank branch (benchmarks/NOTES.md: one fewer pass over the activations forward
 and backward, and the skinny rank-r matmuls it replaces are memory bound), and it equals the base
 model bit for bit while `B = 0`. Wide matmul layers (`uses_low_rank_backward`: the deep stages' 1x1
-convs) keep that forward but take a custom backward that never forms the dense kernel
-gradient, only the rank-r products (`_lora_layer`). Wrappers outside the adapted layer's own call
-see one layer call; interceptors stacked *inside* the same layer call are bypassed (the layer is
+convs) keep that forward but take a custom backward that never forms the dense kernel gradient,
+only the rank-r products (`_low_rank_layer`). Wrappers outside the adapted layer's own call see
+one layer call; interceptors stacked *inside* the same layer call are bypassed (the layer is
 re-applied with the merged kernel). `branch` keeps the explicit low-rank branch for wrappers that
 weight several experts per sample: for g == 1 the layer itself with `Cout -> r` and kernel `A`
 followed by a 2-D matmul `r -> Cout`, for g > 1 a conv with the delta kernel. `merge` folds `scale *
@@ -158,28 +158,49 @@ LOW_RANK_BACKWARD_RATIO = 10
 
 
 def uses_low_rank_backward(module: nn.Conv | nn.Dense, kernel_shape, rank: int) -> bool:
-    """Whether the layer's factor gradients skip the dense kernel gradient (`_lora_layer`).
+    """Whether the layer's factor gradients skip the dense kernel gradient (`_low_rank_layer`).
 
-    Dense layers and ungrouped, unmasked 1x1 convs whose `Cin * Cout` is at least
-    `LOW_RANK_BACKWARD_RATIO * rank * (Cin + Cout)`.
+    Matmul layers (Dense; ungrouped, unmasked 1x1 convs with unit strides and dilations and no
+    padding) whose `Cin * Cout` is at least `LOW_RANK_BACKWARD_RATIO * rank * (Cin + Cout)`.
     """
-    if isinstance(module, nn.Conv) and (
-        module.feature_group_count != 1
-        or module.mask is not None
-        or int(np.prod(kernel_shape[:-2])) != 1
-    ):
+    if isinstance(module, nn.Conv) and not _is_pointwise(module, kernel_shape):
         return False
     fan_in, out = int(np.prod(kernel_shape[:-1])), kernel_shape[-1]
     return fan_in * out >= LOW_RANK_BACKWARD_RATIO * rank * (fan_in + out)
+
+
+def _is_pointwise(module: nn.Conv, kernel_shape) -> bool:
+    """Whether the conv is a matmul over the channel axis (`x @ W` per pixel)."""
+
+    def unit(values):
+        return values is None or all(v == 1 for v in np.atleast_1d(values))
+
+    padding = module.padding
+    unpadded = isinstance(padding, str) or not np.any(np.asarray(padding))  # 1x1: SAME pads 0
+    return (
+        module.feature_group_count == 1
+        and module.mask is None
+        and int(np.prod(kernel_shape[:-2])) == 1
+        and unit(module.strides)
+        and unit(module.input_dilation)
+        and unit(module.kernel_dilation)
+        and unpadded
+    )
 
 
 def _with_merged_kernel(module, x, down, up, scale, kernel):
     params = dict(module.variables["params"])
     if uses_low_rank_backward(module, kernel.shape, down.shape[-1]):
         bias = params.pop("bias", None)
-        linear = module.clone(parent=None, name=None, use_bias=False)  # hashable: jit-static
-        with intercept.bypass():
-            y = _lora_layer(linear, x, kernel, down, up, jnp.asarray(scale, kernel.dtype))
+        (x,) = promote_dtype(x, dtype=module.dtype or jnp.result_type(x, kernel))
+        y = _low_rank_layer(
+            x.reshape(-1, x.shape[-1]),
+            kernel.reshape(-1, kernel.shape[-1]),
+            down,
+            up,
+            jnp.asarray(scale, kernel.dtype),
+            module.precision,
+        ).reshape(x.shape[:-1] + (kernel.shape[-1],))
         return y if bias is None else y + bias.astype(y.dtype)
     delta = delta_kernel(down, up, kernel.shape) * scale
     params["kernel"] = (kernel + delta.astype(kernel.dtype)).astype(kernel.dtype)
@@ -198,48 +219,54 @@ def _merged(kernel, down, up, scale):
     return kernel + (scale * delta_kernel(down, up, kernel.shape)).astype(kernel.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lora_layer(linear, x, kernel, down, up, scale):
-    """`linear(x, W0 + scale * A @ B)`, differentiated without the dense kernel gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _low_rank_layer(x, kernel, down, up, scale, precision):
+    """`x @ (W0 + scale * A @ B)` for `x (pixels, Cin)`, differentiated without the dense kernel
+    gradient.
 
-    `linear` is the layer unbound and without bias. Forward: one call with the merged kernel (as
-    the default path). Backward: the input gradient through the merged kernel; `dB = scale *
-    h^T g` with `h = x * A` (r channels) and `dA` the kernel gradient of the narrow layer for the
-    cotangent `scale * g B^T`; the frozen kernel's own gradient only when it is being
-    differentiated (full fine-tuning with LoRA).
+    Forward: one matmul against `[W0 + scale A B | A]`, which also gives `h = x A` (r columns,
+    kept for the backward). Backward: one matmul of the cotangent against `[merged^T | scale
+    B^T]` gives the input gradient and `g_h = scale g B^T`; then `dB = scale h^T g` and `dA = x^T
+    g_h`, so `x` and `g` are each read once more, by rank-r products (benchmarks/NOTES.md, E8 and
+    E15). The frozen kernel's own gradient only when it is differentiated (full fine-tuning with
+    LoRA). `x` is in the layer's compute dtype; the factor gradients are accumulated in float32.
     """
-    return linear.apply({"params": {"kernel": _merged(kernel, down, up, scale)}}, x)
+    return jnp.dot(x, _merged(kernel, down, up, scale).astype(x.dtype), precision=precision)
 
 
-def _lora_layer_fwd(linear, x, kernel, down, up, scale):
+def _low_rank_layer_fwd(x, kernel, down, up, scale, precision):
     x_, kernel_, down_, up_, scale_ = (p.value for p in (x, kernel, down, up, scale))
     merged = _merged(kernel_, down_, up_, scale_)
-    y = linear.apply({"params": {"kernel": merged}}, x_)
-    return y, (x_, merged, down_, up_, scale_, kernel.perturbed, x.perturbed)
+    both = jnp.concatenate([merged, down_.astype(merged.dtype)], axis=1).astype(x_.dtype)
+    y_h = jnp.dot(x_, both, precision=precision)
+    y, h = y_h[:, : merged.shape[1]], y_h[:, merged.shape[1] :]
+    return y, (x_, merged, h, down_, up_, scale_, kernel.perturbed, x.perturbed)
 
 
-def _lora_layer_bwd(linear, residuals, g):
-    x, merged, down, up, scale, kernel_perturbed, x_perturbed = residuals
-
-    def apply(x, kernel):
-        return linear.apply({"params": {"kernel": kernel}}, x)
-
-    dx = jax.vjp(lambda x: apply(x, merged), x)[1](g)[0] if x_perturbed else None
-    h, narrow_vjp = jax.vjp(lambda a: _narrow(linear, x, a, merged.shape), down)
-    h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
-    # Sums over every pixel: accumulated in float32 under a bf16 layer.
+def _low_rank_layer_bwd(precision, residuals, g):
+    x, merged, h, down, up, scale, kernel_perturbed, x_perturbed = residuals
     wide = jnp.promote_types(g.dtype, jnp.float32)
     highest = jax.lax.Precision.HIGHEST
-    d_up = scale * jnp.dot(h2.T, g2, precision=highest, preferred_element_type=wide)
-    g_narrow = scale * jnp.dot(g2, up.T, precision=highest)
-    (d_down,) = narrow_vjp(g_narrow.reshape(h.shape).astype(h.dtype))
-    # The layer is linear in its kernel, so W0's gradient is the merged kernel's.
-    d_kernel = jax.vjp(lambda k: apply(x, k), merged)[1](g)[0] if kernel_perturbed else None
+    up_t = (scale * up.T).astype(g.dtype)
+    dx = None
+    if x_perturbed:
+        both = jnp.concatenate([merged.T.astype(g.dtype), up_t], axis=1)
+        dx_gh = jnp.dot(g, both, precision=precision)
+        dx, g_h = dx_gh[:, : merged.shape[0]], dx_gh[:, merged.shape[0] :]
+    else:
+        g_h = jnp.dot(g, up_t, precision=highest)
+    d_up = scale * jnp.dot(h.T, g, precision=highest, preferred_element_type=wide)
+    d_down = jnp.dot(x.T, g_h, precision=highest, preferred_element_type=wide)
+    d_kernel = None
+    if kernel_perturbed:
+        # The layer is linear in its kernel, so W0's gradient is the merged kernel's.
+        d_kernel = jnp.dot(x.T, g, precision=precision, preferred_element_type=wide)
+        d_kernel = d_kernel.astype(merged.dtype)
     d_scale = None  # the scale is a constant of the config
-    return dx, d_kernel, d_down, d_up.astype(up.dtype), d_scale
+    return dx, d_kernel, d_down.astype(down.dtype), d_up.astype(up.dtype), d_scale
 
 
-_lora_layer.defvjp(_lora_layer_fwd, _lora_layer_bwd, symbolic_zeros=True)
+_low_rank_layer.defvjp(_low_rank_layer_fwd, _low_rank_layer_bwd, symbolic_zeros=True)
 
 
 def _wrapper(rank: int, scale: float, rng: jax.Array | None) -> intercept.Wrapper:

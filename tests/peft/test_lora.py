@@ -233,6 +233,12 @@ def test_low_rank_backward_is_taken_by_wide_ungrouped_layers_only():
     depthwise = layers.Conv(256, (3, 3), feature_group_count=256)
     assert not lora.uses_low_rank_backward(depthwise, (3, 3, 1, 256), rank=1)
     assert lora.uses_low_rank_backward(nn.Dense(512), (512, 512), rank=8)
+    # Not a matmul per pixel: strided, padded or dilated 1x1 convs keep the merged backward.
+    assert not lora.uses_low_rank_backward(layers.Conv(256, (1, 1), strides=2), (1, 1, 128, 256), 4)
+    assert not lora.uses_low_rank_backward(layers.Conv(256, (1, 1), padding=1), (1, 1, 128, 256), 4)
+    assert not lora.uses_low_rank_backward(
+        layers.Conv(256, (1, 1), input_dilation=2), (1, 1, 128, 256), 4
+    )
 
 
 def test_all_layers_at_once_merge_and_jit(net_setup):
