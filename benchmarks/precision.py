@@ -8,7 +8,8 @@ twice: with `dtype=float32` and with `dtype=bfloat16` (`models.build(variant, dt
 Printed: the relative error `||bf16 - f32|| / ||f32||` of the output, and of the part the network
 adds to its input (`output - input`, the stricter number: the global residual does not hide
 anything), plus the gradient of a mean-squared loss with respect to the parameters, as a
-training step sees it.
+training step sees it. The last column runs the float32 network on kernels rounded to bf16 and
+nothing else: how much the network amplifies the rounding that any bf16 computation starts from.
 """
 
 import argparse
@@ -47,12 +48,21 @@ def compare(variant: str, batch: int, size: int) -> dict:
         (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         results[dtype] = (out, _flat(grads))
     (want, want_grads), (got, got_grads) = results["float32"], results["bfloat16"]
+    float32_model = models.build(variant)
+    rounded = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: (
+            leaf.astype(jnp.bfloat16).astype(leaf.dtype) if path[-1].key == "kernel" else leaf
+        ),
+        params,
+    )
+    rounded_out = jax.jit(lambda p: float32_model.apply({"params": p}, images))(rounded)
     return {
         "variant": variant,
         "output dtype": str(got.dtype),
         "output": _relative(got, want),
         "residual": _relative(got - images, want - images),
         "gradients": _relative(got_grads, want_grads),
+        "rounded kernels": _relative(rounded_out, want),
     }
 
 
@@ -66,13 +76,16 @@ def main():
         f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; bf16 against float32, random "
         f"weights, batch {args.batch} of {args.size}x{args.size}; relative L2 errors\n"
     )
-    print("| model | output dtype | output | output - input | parameter gradients |")
-    print("|---|---|---:|---:|---:|")
+    print(
+        "| model | output dtype | output | output - input | parameter gradients "
+        "| float32, kernels rounded to bf16: output |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
     for variant in args.variants:
         r = compare(variant, args.batch, args.size)
         print(
             f"| {variant} | {r['output dtype']} | {r['output']:.2e} | {r['residual']:.2e} "
-            f"| {r['gradients']:.2e} |",
+            f"| {r['gradients']:.2e} | {r['rounded kernels']:.2e} |",
             flush=True,
         )
 
