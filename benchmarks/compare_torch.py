@@ -205,19 +205,30 @@ def worker_envs(args) -> dict[str, dict[str, str]]:
     """`{worker: extra environment}`: one JAX process and one PyTorch process per allocator.
 
     With `--jemalloc`, JAX runs on it and PyTorch on both glibc and it (each form's time is its
-    fastest setting), so neither side is held to an allocator that slows it.
+    fastest setting), so neither side is held to an allocator that slows it;
+    `--torch-allocators glibc` keeps PyTorch on glibc alone (a jemalloc that never gives memory
+    back holds every process's peak at once: three processes at 256x256 exceed 24 GiB).
     """
     if not args.jemalloc:
         return {"jax": {}, "torch": {}}
     jemalloc = {"LD_PRELOAD": args.jemalloc, "MALLOC_CONF": JEMALLOC_CONF}
-    return {"jax": jemalloc, "torch": {}, "torch jemalloc": jemalloc}
+    envs = {"jax": jemalloc, "torch": {}, "torch jemalloc": jemalloc}
+    allocators = {"torch": "glibc", "torch jemalloc": "jemalloc"}
+    return {
+        name: env
+        for name, env in envs.items()
+        if name == "jax" or allocators[name] in args.torch_allocators
+    }
 
 
-def start_workers(args):
-    """`({worker: (process, connection)}, infos, outputs, versions)` once all are built."""
+def start_workers(args, names=None):
+    """`({worker: (process, connection)}, infos, outputs, versions)` once all (or `names`)
+    are built."""
     context = multiprocessing.get_context("spawn")
     workers = {}
     for name, env in worker_envs(args).items():
+        if names is not None and name not in names:
+            continue
         parent, child = context.Pipe()
         side = name.split()[0]
         process = context.Process(target=worker, args=(side, args, child), daemon=True)
@@ -251,18 +262,69 @@ def start_workers(args):
 
 
 def interleaved(workers, calls, *, rounds, warmup):
-    """`{key: median seconds}`; each round makes every `(key, side, program, threads)` call
+    """`{key: [seconds]}`; each round makes every `(key, side, program, threads)` call
     once, in order, each in its side's process while the other process waits."""
     times = {key: [] for key, *_ in calls}
     for i in range(warmup + rounds):
         for key, side, program, threads in calls:
-            conn = workers[side][1]
-            conn.send((program, threads))
-            seconds = conn.recv()
+            process, conn = workers[side]
+            try:
+                conn.send((program, threads))
+                seconds = conn.recv()
+            except (BrokenPipeError, EOFError):
+                process.join(timeout=10)
+                raise RuntimeError(
+                    f"the {side} process died running {program!r} (exit code "
+                    f"{process.exitcode}; -9 is usually the kernel's out-of-memory killer: "
+                    "fewer --rows, a smaller --batch or --torch-allocators glibc)"
+                ) from None
             if i >= warmup:
                 times[key].append(seconds)
         print(f"round {i + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def stop_workers(workers):
+    for process, conn in workers.values():
+        if process.is_alive():
+            conn.send(None)
+            process.join(timeout=60)
+
+
+def timed(args, calls):
+    """`({key: median seconds}, infos, outputs, versions)` of every call.
+
+    Interleaved: every worker alive at once, taking turns call by call. `--exclusive N`: one
+    worker alive at a time, started N times in turn (JAX, PyTorch, JAX, ...), each time timing
+    `--rounds` rounds of its own calls; for models whose steps, held by two processes at once,
+    exceed the machine's memory (a caching allocator keeps each process's peak).
+    """
+    if not args.exclusive:
+        workers, infos, outputs, versions = start_workers(args)
+        try:
+            times = interleaved(workers, calls, rounds=args.rounds, warmup=args.warmup)
+        finally:
+            stop_workers(workers)
+        return {k: statistics.median(t) for k, t in times.items()}, infos, outputs, versions
+    times = {key: [] for key, *_ in calls}
+    infos, outputs, versions = {row: {} for row in args.rows}, {row: {} for row in args.rows}, {}
+    for turn in range(args.exclusive):
+        for name in worker_envs(args):
+            workers, info, outs, version = start_workers(args, [name])
+            print(f"turn {turn + 1}/{args.exclusive}: {name} alone", file=sys.stderr, flush=True)
+            try:
+                own = [call for call in calls if call[1] == name]
+                for key, t in interleaved(
+                    workers, own, rounds=args.rounds, warmup=args.warmup
+                ).items():
+                    times[key] += t
+            finally:
+                stop_workers(workers)
+            for row in args.rows:
+                infos[row].update(info[row])
+                outputs[row].update(outs[row])
+            versions.update(version)
+    return {k: statistics.median(t) for k, t in times.items()}, infos, outputs, versions
 
 
 def _machine() -> str:
@@ -329,8 +391,12 @@ def print_table(args, meta, rows):
     print(
         f"\n{args.model}, batch {args.batch} of {args.size}x{args.size}, LoRA rank {args.rank}, "
         f"median of {args.rounds} interleaved rounds after {args.warmup} warm-up, "
-        "JAX and PyTorch each in its own process; "
-        f"jemalloc {meta['jemalloc'] or 'not used'}; "
+        + (
+            f"each side alone in turn, {args.exclusive} turns; "
+            if args.exclusive
+            else "JAX and PyTorch each in its own process; "
+        )
+        + f"jemalloc {meta['jemalloc'] or 'not used'}; "
         f"{meta['date']}, {meta['machine']}, load {meta['load_before']} -> {meta['load_after']}; "
         f"jax {meta['jax']} (conv form {meta['conv_form']!r}), torch {meta['torch']}\n"
     )
@@ -377,6 +443,21 @@ def main():
         help="run JAX on this jemalloc (LD_PRELOAD, never giving freed memory back to the OS) and "
         "PyTorch on it and on glibc, e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (NOTES E14)",
     )
+    parser.add_argument(
+        "--torch-allocators",
+        nargs="+",
+        default=["glibc", "jemalloc"],
+        choices=["glibc", "jemalloc"],
+        help="with --jemalloc, the allocators PyTorch is timed on (one process each)",
+    )
+    parser.add_argument(
+        "--exclusive",
+        type=int,
+        default=0,
+        metavar="N",
+        help="one process alive at a time, each started N times in turn (for steps too large "
+        "for two processes in memory at once); 0: all alive, interleaved call by call",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     if args.jemalloc and not os.path.isfile(args.jemalloc):
@@ -390,11 +471,9 @@ def main():
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jemalloc": args.jemalloc or "",
     }
-    # Both sides build every row first and are timed in the same rounds, so their ratios share
-    # the load; each runtime has a process of its own (NOTES E11-E13: PyTorch in the same process
-    # slowed the JAX calls 1.5-2.5x).
-    workers, infos, outputs, versions = start_workers(args)
-    meta.update(versions)
+    # Both sides build every row first and are timed in the same rounds (or, `--exclusive`,
+    # in alternating turns), so their ratios share the load; each runtime has a process of its
+    # own (NOTES E11-E13: PyTorch in the same process slowed the JAX calls 1.5-2.5x).
     calls = []
     for row in args.rows:
         calls.append(((row, "jax"), "jax", row, None))
@@ -403,12 +482,8 @@ def main():
             for form in torch_forms(row)
             for setting, (name, n) in torch_settings(args).items()
         ]
-    try:
-        medians = interleaved(workers, calls, rounds=args.rounds, warmup=args.warmup)
-    finally:
-        for process, conn in workers.values():
-            conn.send(None)
-            process.join(timeout=60)
+    medians, infos, outputs, versions = timed(args, calls)
+    meta.update(versions)
     meta["load_after"] = _load()
     rows = summarize(args, infos, outputs, medians)
     print_table(args, meta, rows)
