@@ -212,13 +212,12 @@ def worker_envs(args) -> dict[str, dict[str, str]]:
     if not args.jemalloc:
         return {"jax": {}, "torch": {}}
     jemalloc = {"LD_PRELOAD": args.jemalloc, "MALLOC_CONF": JEMALLOC_CONF}
-    envs = {"jax": jemalloc, "torch": {}, "torch jemalloc": jemalloc}
-    allocators = {"torch": "glibc", "torch jemalloc": "jemalloc"}
-    return {
-        name: env
-        for name, env in envs.items()
-        if name == "jax" or allocators[name] in args.torch_allocators
-    }
+    envs = {"jax": jemalloc}
+    if "glibc" in args.torch_allocators:
+        envs["torch"] = {}
+    if "jemalloc" in args.torch_allocators:
+        envs["torch jemalloc"] = jemalloc
+    return envs
 
 
 def start_workers(args, names=None):
@@ -299,31 +298,24 @@ def timed(args, calls):
     `--rounds` rounds of its own calls; for models whose steps, held by two processes at once,
     exceed the machine's memory (a caching allocator keeps each process's peak).
     """
-    if not args.exclusive:
-        workers, infos, outputs, versions = start_workers(args)
-        try:
-            times = interleaved(workers, calls, rounds=args.rounds, warmup=args.warmup)
-        finally:
-            stop_workers(workers)
-        return {k: statistics.median(t) for k, t in times.items()}, infos, outputs, versions
+    names = list(worker_envs(args))
+    groups = [[name] for name in names] * args.exclusive if args.exclusive else [names]
     times = {key: [] for key, *_ in calls}
     infos, outputs, versions = {row: {} for row in args.rows}, {row: {} for row in args.rows}, {}
-    for turn in range(args.exclusive):
-        for name in worker_envs(args):
-            workers, info, outs, version = start_workers(args, [name])
-            print(f"turn {turn + 1}/{args.exclusive}: {name} alone", file=sys.stderr, flush=True)
-            try:
-                own = [call for call in calls if call[1] == name]
-                for key, t in interleaved(
-                    workers, own, rounds=args.rounds, warmup=args.warmup
-                ).items():
-                    times[key] += t
-            finally:
-                stop_workers(workers)
-            for row in args.rows:
-                infos[row].update(info[row])
-                outputs[row].update(outs[row])
-            versions.update(version)
+    for turn, group in enumerate(groups):
+        workers, info, outs, version = start_workers(args, group)
+        if args.exclusive:
+            print(f"turn {turn + 1}/{len(groups)}: {group[0]} alone", file=sys.stderr, flush=True)
+        try:
+            own = [call for call in calls if call[1] in group]
+            for key, t in interleaved(workers, own, rounds=args.rounds, warmup=args.warmup).items():
+                times[key] += t
+        finally:
+            stop_workers(workers)
+        for row in args.rows:
+            infos[row].update(info[row])
+            outputs[row].update(outs[row])
+        versions.update(version)
     return {k: statistics.median(t) for k, t in times.items()}, infos, outputs, versions
 
 
@@ -446,9 +438,8 @@ def main():
     parser.add_argument(
         "--torch-allocators",
         nargs="+",
-        default=["glibc", "jemalloc"],
         choices=["glibc", "jemalloc"],
-        help="with --jemalloc, the allocators PyTorch is timed on (one process each)",
+        help="with --jemalloc, the allocators PyTorch is timed on, one process each (default both)",
     )
     parser.add_argument(
         "--exclusive",
@@ -460,6 +451,9 @@ def main():
     )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.torch_allocators and not args.jemalloc:
+        raise ValueError("--torch-allocators chooses among --jemalloc's runs: give --jemalloc PATH")
+    args.torch_allocators = args.torch_allocators or ["glibc", "jemalloc"]
     if args.jemalloc and not os.path.isfile(args.jemalloc):
         raise FileNotFoundError(f"--jemalloc {args.jemalloc!r}: no such file")
     if args.model.split("-")[0] not in TARGETS:
