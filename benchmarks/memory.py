@@ -10,6 +10,8 @@ trees, donated state), with the method built by the method registry from the con
 * `full`: every parameter trains;
 * `lora`: the `lora` section's default, which is the README's API-tour `LoraConfig` (rank 4 on
   every conv, depthwise included; norms excluded), biases and norms trained;
+* `lora_dense`: rank 4 on the dense convs only, depthwise frozen (peft's form, which cannot adapt
+  depthwise convs; the LoRA rows of `compare_torch.py`), biases and norms trained;
 * `colora`: CoLoRA's per-layer ranks (`benchmarks/common.py: colora_ranks`, about the adapter
   size of rank 4 on the dense convs);
 * `adaptir`: AdaptIR beside every block's feed-forward path, backbone frozen.
@@ -41,7 +43,9 @@ from ir_lora.models import build
 from ir_lora.peft import intercept, lora
 
 VARIANTS = ("nafnet-sidd-w32", "restormer")
-METHODS = ("full", "lora", "colora", "adaptir")
+METHODS = ("full", "lora", "lora_dense", "colora", "adaptir")
+# Built as the `lora` method with explicit per-layer targets.
+LORA_FORMS = ("lora_dense", "colora")
 REMATS = ("none", "blocks")
 DTYPES = ("float32", "bfloat16")
 GIB = 2**30
@@ -57,11 +61,15 @@ class Row:
 
 def _config(row: Row, model, sample):
     config = configs_common.training_config(
-        "finetune", "lora" if row.method == "colora" else row.method, row.variant
+        "finetune", "lora" if row.method in LORA_FORMS else row.method, row.variant
     )
     config.loss = "l1"
-    if row.method == "colora":
-        ranks = common.colora_ranks(common.conv_layers(model, sample), rank=4)
+    if row.method in LORA_FORMS:
+        layers = common.conv_layers(model, sample)
+        if row.method == "colora":
+            ranks = common.colora_ranks(layers, rank=4)
+        else:
+            ranks = dict.fromkeys(layers, 4)
         config.lora.targets = lora.targets_from_ranks(ranks)
     return config
 

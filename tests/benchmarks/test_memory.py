@@ -1,6 +1,7 @@
 """benchmarks/memory.py and benchmarks/precision.py on the tiny backbone."""
 
 import pytest
+from flax import traverse_util
 
 from benchmarks import memory, precision
 
@@ -34,3 +35,16 @@ def test_bfloat16_backbone_stays_within_2e_2_of_float32():
     # where a bf16 fine-tune ends (the README's bf16 quickstart row).
     assert 0 < row["gradients"] < 0.2
     assert 0 < row["rounded kernels"] < 2e-2
+
+
+def test_lora_dense_adapts_every_dense_conv_and_no_depthwise_one():
+    def adapted(method):
+        _, (state, _, _) = memory.build_step(
+            memory.Row("nafnet-tiny", method, "none", "float32"), 1, 32
+        )
+        return {k[1:-1] for k in traverse_util.flatten_dict(state.trainable) if k[0] == "lora"}
+
+    every_conv, dense = adapted("lora"), adapted("lora_dense")
+    # NAFBlock's conv2 is the depthwise one; every other conv is dense.
+    depthwise = {p for p in every_conv if p[-1] == "conv2"}
+    assert depthwise and dense == every_conv - depthwise
