@@ -3,6 +3,7 @@
     python -m benchmarks.memory                                # the whole table (slow: compiles)
     python -m benchmarks.memory --variants nafnet-sidd-w32 --methods full lora --remat none
     python -m benchmarks.memory --dtypes float32 bfloat16 --time-steps 3 --json memory.json
+    python -m benchmarks.memory --table memory.json more.json  # one table of saved runs
 
 The step is the one `train.py` runs (`train_lib.train_step`: AdamW, L1 loss, frozen and trainable
 trees, donated state), with the method built by the method registry from the configs' defaults:
@@ -24,13 +25,17 @@ number of pixels in the batch, so the footprint is linear in `batch * height * w
 compiles (batch 1 and `--batch`) fit it, and the largest batch of each `--fit-sizes` crop that
 fits each of `--budgets` GiB follows; `--verify` compiles that batch (and one more) to check the
 prediction. `--time-steps N` also times N steps at `--batch` (on this CPU, a second or minutes
-per step). Weights are random (`common.random_params`); memory does not depend on them.
+per step). Each row runs in a fresh process (`--in-process` to not), so one row's allocator
+cache does not count against the next. Weights are random (`common.random_params`); memory does
+not depend on them.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
 import time
 
 import jax
@@ -222,6 +227,21 @@ def measure(row: Row, args) -> dict:
     return out
 
 
+def measure_isolated(row: Row, args) -> dict:
+    """`measure` in a fresh process: a timed Restormer step keeps more than XLA accounts for
+    (the allocator's cache, the executables), and one process running every row outgrew 24 GiB."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(measure, row, args).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            return {
+                **dataclasses.asdict(row),
+                "error": "the worker process died (killed for memory?); run this row alone, "
+                "or without --time-steps",
+            }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -235,7 +255,25 @@ def main():
     parser.add_argument("--verify", action="store_true", help="compile the predicted batches")
     parser.add_argument("--time-steps", type=int, default=0, help="time this many steps")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--in-process", action="store_true", help="measure every row in this process"
+    )
+    parser.add_argument(
+        "--table", nargs="+", metavar="JSON", help="print the table of saved --json files"
+    )
     args = parser.parse_args()
+    if args.table:
+        results, saved = [], []
+        for path in args.table:
+            with open(path) as f:
+                data = json.load(f)
+            results += data["results"]
+            saved.append(data["args"])
+        for key in ("batch", "size", "fit_sizes", "budgets"):
+            setattr(args, key, saved[0][key])
+        args.time_steps = max(a["time_steps"] for a in saved)
+        print_table(results, args)
+        return
     results = []
     for variant in args.variants:
         for remat in args.remat:
@@ -243,7 +281,7 @@ def main():
                 for method in args.methods:
                     row = Row(variant, method, remat, dtype)
                     try:
-                        result = measure(row, args)
+                        result = (measure if args.in_process else measure_isolated)(row, args)
                     except Exception as error:  # noqa: BLE001 - a failed row is reported
                         result = {**dataclasses.asdict(row), "error": repr(error)[:200]}
                     print(json.dumps(result), flush=True)
