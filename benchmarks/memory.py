@@ -49,8 +49,11 @@ from ir_lora.peft import intercept, lora
 
 VARIANTS = ("nafnet-sidd-w32", "restormer")
 METHODS = ("full", "lora", "lora_dense", "colora", "adaptir")
-# Built as the `lora` method with explicit per-layer targets.
-LORA_FORMS = ("lora_dense", "colora")
+# Rows built as the `lora` method with explicit per-layer ranks of the dense convs.
+DENSE_RANKS = {
+    "lora_dense": lambda layers: dict.fromkeys(layers, 4),
+    "colora": lambda layers: common.colora_ranks(layers, rank=4),
+}
 REMATS = ("none", "blocks")
 DTYPES = ("float32", "bfloat16")
 GIB = 2**30
@@ -66,15 +69,11 @@ class Row:
 
 def _config(row: Row, model, sample):
     config = configs_common.training_config(
-        "finetune", "lora" if row.method in LORA_FORMS else row.method, row.variant
+        "finetune", "lora" if row.method in DENSE_RANKS else row.method, row.variant
     )
     config.loss = "l1"
-    if row.method in LORA_FORMS:
-        layers = common.conv_layers(model, sample)
-        if row.method == "colora":
-            ranks = common.colora_ranks(layers, rank=4)
-        else:
-            ranks = dict.fromkeys(layers, 4)
+    if row.method in DENSE_RANKS:
+        ranks = DENSE_RANKS[row.method](common.conv_layers(model, sample))
         config.lora.targets = lora.targets_from_ranks(ranks)
     return config
 
